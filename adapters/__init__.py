@@ -1,0 +1,17 @@
+"""One hooked model per recurrent family, all with the write interface under ``blocks.{l}.mixer``.
+
+Installed as ``writesae_lens.adapters`` (never as a top-level ``adapters`` package: an unrelated PyPI project owns
+that name). Families are imported lazily so that importing one does not import the others.
+"""
+
+from importlib import import_module
+
+_FAMILIES = {"HookedQwen35": ".qwen35", "HookedQwen35Config": ".qwen35"}
+
+__all__ = sorted(_FAMILIES)
+
+
+def __getattr__(name: str):
+    if name in _FAMILIES:
+        return getattr(import_module(_FAMILIES[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

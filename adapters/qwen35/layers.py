@@ -1,0 +1,190 @@
+"""The two token mixers of a Qwen3.5 hybrid and the block that holds either.
+
+Gated DeltaNet (``blocks.{l}.mixer``), per layer:
+    qkv = SiLU(causal depthwise conv(in_proj_qkv(x)));  q, k <- L2-normalised, key heads repeated to value heads
+    q <- q / sqrt(d_k);  beta = sigmoid(in_proj_b(x));  g = -exp(A_log) * softplus(in_proj_a(x) + dt_bias)
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T;  o_t = S_t^T q_t
+    out = out_proj(RMSNorm_head(o) * w * SiLU(z)),  z = in_proj_z(x)
+
+Gated attention (``blocks.{l}.attn``): q_proj gives query | gate per head; q_norm / k_norm (zero-centred RMSNorm over
+the head dim); rotary embedding on the first ``rotary_dim`` dims; causal softmax attention with grouped KV heads;
+``z * sigmoid(gate)`` then o_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from writesae_lens.hooking.components import GatedMLP, RMSNorm
+from writesae_lens.hooking.write_mixer import MatrixWriteMixer
+
+from .config import ATTENTION, HookedQwen35Config
+
+
+def l2_normalise(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``x / sqrt(|x|^2 + eps)`` over the last axis (the convention of the reference kernels)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+class GatedDeltaNet(MatrixWriteMixer):
+    """Hooks (besides the write interface of ``MatrixWriteMixer``): ``hook_gate`` [batch, pos, head, d_v] = z."""
+
+    delta_rule = True
+
+    def __init__(self, cfg: HookedQwen35Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        key_dim, value_dim = cfg.n_key_heads * cfg.d_k, cfg.n_heads * cfg.d_v
+        self.conv_dim = 2 * key_dim + value_dim
+        self.in_proj_qkv = nn.Linear(cfg.d_model, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(cfg.d_model, value_dim, bias=False)
+        self.in_proj_b = nn.Linear(cfg.d_model, cfg.n_heads, bias=False)
+        self.in_proj_a = nn.Linear(cfg.d_model, cfg.n_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(cfg.n_heads))
+        self.A_log = nn.Parameter(torch.zeros(cfg.n_heads))
+        self.norm_w = nn.Parameter(torch.ones(cfg.d_v))
+        self.out_proj = nn.Linear(value_dim, cfg.d_model, bias=False)
+        self.hook_gate = HookPoint()  # [batch, pos, head, d_v]
+
+    def forward(self, x: Tensor, layer_cache: dict | None) -> Tensor:
+        cfg = self.cfg
+        batch, n_pos, _ = x.shape
+        mixed = self._causal_conv(self.in_proj_qkv(x), layer_cache)  # [batch, pos, conv_dim]
+        q, k, v = mixed.split([cfg.n_key_heads * cfg.d_k, cfg.n_key_heads * cfg.d_k, cfg.n_heads * cfg.d_v], dim=-1)
+        repeat = cfg.n_heads // cfg.n_key_heads
+        q = q.reshape(batch, n_pos, cfg.n_key_heads, cfg.d_k).repeat_interleave(repeat, dim=2).float()
+        k = k.reshape(batch, n_pos, cfg.n_key_heads, cfg.d_k).repeat_interleave(repeat, dim=2).float()
+        v = v.reshape(batch, n_pos, cfg.n_heads, cfg.d_v).float()
+        q = l2_normalise(q) * cfg.d_k**-0.5  # [batch, pos, head, d_k]
+        k = l2_normalise(k)  # [batch, pos, head, d_k]
+        beta = torch.sigmoid(self.in_proj_b(x)).float()  # [batch, pos, head]
+        log_decay = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+
+        initial = layer_cache.get("state") if layer_cache is not None else None
+        reads, final_state = self.run_recurrence(q, k, v, beta, log_decay, initial)
+        if layer_cache is not None:
+            layer_cache["state"] = final_state
+
+        z = self.hook_gate(self.in_proj_z(x).reshape(batch, n_pos, cfg.n_heads, cfg.d_v))
+        return self.out_proj(self._gated_norm(reads.to(x.dtype), z).reshape(batch, n_pos, -1))
+
+    def _causal_conv(self, projected: Tensor, layer_cache: dict | None) -> Tensor:
+        """Depthwise causal conv (kernel K) + SiLU; the last K - 1 inputs are carried in the cache."""
+        batch, n_pos, channels = projected.shape
+        history = layer_cache.get("conv") if layer_cache is not None else None
+        if history is None:
+            history = projected.new_zeros(batch, channels, self.cfg.conv_kernel - 1)
+        full = torch.cat([history.to(projected.dtype), projected.transpose(1, 2)], dim=-1)
+        if layer_cache is not None:
+            layer_cache["conv"] = full[..., full.shape[-1] - (self.cfg.conv_kernel - 1) :]
+        return F.silu(F.conv1d(full, self.conv1d.weight, groups=channels)).transpose(1, 2)
+
+    def _gated_norm(self, reads: Tensor, gate: Tensor) -> Tensor:
+        """Per-head RMSNorm of the read, times the weight, times SiLU of the gate."""
+        r = reads.float()
+        normed = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + self.cfg.eps)
+        return ((self.norm_w * normed.to(reads.dtype)) * F.silu(gate.float())).to(reads.dtype)
+
+
+class GatedAttention(nn.Module):
+    """Hooks: ``hook_q`` / ``hook_k`` / ``hook_v`` [batch, pos, head, d_head] (q, k after their norms, before rotary),
+    ``hook_rot_q`` / ``hook_rot_k`` (after rotary), ``hook_attn_scores`` / ``hook_pattern`` [batch, head, q_pos, k_pos],
+    ``hook_z`` [batch, pos, head, d_head] (attention-weighted values), ``hook_gate`` [batch, pos, head, d_head]
+    (sigmoid of the output gate; the output is ``o_proj(z * gate)``)."""
+
+    def __init__(self, cfg: HookedQwen35Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_attn_heads * cfg.d_head * 2, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=False)
+        self.o_proj = nn.Linear(cfg.n_attn_heads * cfg.d_head, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.d_head, cfg.eps, zero_centred=True)
+        self.k_norm = RMSNorm(cfg.d_head, cfg.eps, zero_centred=True)
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float) / cfg.rotary_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        for name in ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern",
+                     "hook_z", "hook_gate"):
+            setattr(self, name, HookPoint())
+
+    def forward(self, x: Tensor, layer_cache: dict | None, pos_offset: int) -> Tensor:
+        cfg = self.cfg
+        batch, n_pos, _ = x.shape
+        query_gate = self.q_proj(x).reshape(batch, n_pos, cfg.n_attn_heads, 2 * cfg.d_head)
+        q, gate = query_gate.chunk(2, dim=-1)
+        q = self.hook_q(self.q_norm(q))  # [batch, pos, head, d_head]
+        k = self.hook_k(self.k_norm(self.k_proj(x).reshape(batch, n_pos, cfg.n_kv_heads, cfg.d_head)))
+        v = self.hook_v(self.v_proj(x).reshape(batch, n_pos, cfg.n_kv_heads, cfg.d_head))
+        cos, sin = self._rotary(pos_offset, n_pos, x)
+        q, k = self.hook_rot_q(_rotate(q, cos, sin)), self.hook_rot_k(_rotate(k, cos, sin))
+
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [batch, kv_head, pos, d_head]
+        if layer_cache is not None:
+            if "k" in layer_cache:
+                k = torch.cat([layer_cache["k"], k], dim=2)
+                v = torch.cat([layer_cache["v"], v], dim=2)
+            layer_cache["k"], layer_cache["v"] = k, v
+        repeat = cfg.n_attn_heads // cfg.n_kv_heads
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+
+        scores = (q.transpose(1, 2) @ k.transpose(-1, -2)) * cfg.d_head**-0.5  # [batch, head, q_pos, k_pos]
+        n_keys = k.shape[2]
+        allowed = torch.ones(n_pos, n_keys, dtype=torch.bool, device=x.device).tril(n_keys - n_pos)
+        scores = self.hook_attn_scores(scores.masked_fill(~allowed, float("-inf")))
+        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        z = self.hook_z((pattern @ v).transpose(1, 2))  # [batch, pos, head, d_head]
+        gate = self.hook_gate(torch.sigmoid(gate))
+        return self.o_proj((z * gate).reshape(batch, n_pos, -1))
+
+    def _rotary(self, pos_offset: int, n_pos: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        positions = torch.arange(pos_offset, pos_offset + n_pos, device=x.device, dtype=torch.float)
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)  # [pos, rotary_dim]
+        return angles.cos().to(x.dtype)[None, :, None], angles.sin().to(x.dtype)[None, :, None]
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding on the first ``rotary_dim`` dims (the half-split convention); the rest pass through."""
+    dim = cos.shape[-1]
+    rot, rest = x[..., :dim], x[..., dim:]
+    first, second = rot[..., : dim // 2], rot[..., dim // 2 :]
+    rotated = torch.cat([-second, first], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+class Qwen35Block(nn.Module):
+    """Hooks: ``hook_resid_pre``, ``hook_attn_out`` (attention layers) or ``hook_mixer_out`` (recurrent layers),
+    ``hook_resid_mid``, ``hook_mlp_out``, ``hook_resid_post``: all [batch, pos, d_model], with
+    ``resid_mid = resid_pre + attn_out|mixer_out`` and ``resid_post = resid_mid + mlp_out``."""
+
+    def __init__(self, cfg: HookedQwen35Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.is_attention = cfg.layer_types[layer] == ATTENTION
+        self.ln1 = RMSNorm(cfg.d_model, cfg.eps, zero_centred=True)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.eps, zero_centred=True)
+        if self.is_attention:
+            self.attn = GatedAttention(cfg)
+            self.hook_attn_out = HookPoint()
+        else:
+            self.mixer = GatedDeltaNet(cfg)
+            self.hook_mixer_out = HookPoint()
+        self.mlp = GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
+        self.hook_resid_pre = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, resid: Tensor, layer_cache: dict | None, pos_offset: int) -> Tensor:
+        resid = self.hook_resid_pre(resid)
+        if self.is_attention:
+            mixed = self.hook_attn_out(self.attn(self.ln1(resid), layer_cache, pos_offset))
+        else:
+            mixed = self.hook_mixer_out(self.mixer(self.ln1(resid), layer_cache))
+        resid = self.hook_resid_mid(resid + mixed)
+        resid = self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
+        return resid

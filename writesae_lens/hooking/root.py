@@ -1,0 +1,302 @@
+"""``HookedRecurrentLM``: the family-independent front end of every hooked model in the library.
+
+A family adapter (``writesae_lens.adapters.<family>``) builds the modules; this base class gives them the
+TransformerLens surface that SAELens and researchers call: ``to_tokens`` / ``to_string``, ``forward`` with
+``return_type`` / ``loss_per_token`` / ``stop_at_layer``, ``generate`` with a recurrent cache, hook-name checks with
+helpful errors, and caching that slices the position axis of ``[batch, pos, ...]`` hooks correctly.
+
+A subclass provides ``cfg`` (see ``ModelConfigProtocol``), ``tokenizer`` (or None), and the modules ``embed``
+(tokens -> residual), ``hook_embed``, ``blocks`` (each called as ``block(resid, layer_cache, pos_offset)``),
+``ln_final`` and ``unembed`` (residual -> logits), then calls ``self.setup()``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.HookedRootModule import HookedRootModule
+
+from .cache import RecurrentCache
+from .sampling import sample_next_token
+from .write_mixer import SPARSE_HOOK_NAMES
+
+ReturnType = Literal["logits", "loss", "both"] | None
+# Hooks whose position axis is not dim 1: attention scores/patterns are [batch, head, query_pos, key_pos].
+QUERY_AXIS_HOOKS = ("hook_attn_scores", "hook_pattern")
+
+
+class HookedRecurrentLM(HookedRootModule):
+    cfg: Any
+    tokenizer: Any
+
+    # ------------------------------------------------------------------ tokens
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Tokenise one string or a list of strings into ``[batch, pos]`` (right-padded with the pad token)."""
+        tokenizer = self._require_tokenizer()
+        texts = [input] if isinstance(input, str) else list(input)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"to_tokens takes a string or a non-empty list of strings, got {type(input).__name__}")
+        prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        if prepend_bos and tokenizer.bos_token_id is None:
+            raise ValueError("prepend_bos=True but this tokenizer has no BOS token; pass prepend_bos=False")
+        ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        if prepend_bos:
+            ids = [[tokenizer.bos_token_id] + seq for seq in ids]
+        if truncate:
+            ids = [seq[: self.cfg.n_ctx] for seq in ids]
+        width = max(len(seq) for seq in ids)
+        pad = self._pad_token_id()
+        side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
+        padded = [
+            (seq + [pad] * (width - len(seq))) if side == "right" else ([pad] * (width - len(seq)) + seq) for seq in ids
+        ]
+        tokens = torch.tensor(padded, dtype=torch.long)
+        return tokens.to(self.cfg.device) if move_to_device else tokens
+
+    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
+        """Decode ``[pos]`` to a string or ``[batch, pos]`` to a list of strings."""
+        tokenizer = self._require_tokenizer()
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() == 2:
+            return [tokenizer.decode(row.tolist()) for row in tokens]
+        return tokenizer.decode(tokens.tolist())
+
+    def to_str_tokens(self, input: str | Tensor) -> list[str]:
+        """One string per token of a string or of a 1-D token tensor."""
+        tokenizer = self._require_tokenizer()
+        tokens = self.to_tokens(input)[0] if isinstance(input, str) else torch.as_tensor(input).flatten()
+        return [tokenizer.decode([t]) for t in tokens.tolist()]
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token tensors, or load one with a tokenizer")
+        return self.tokenizer
+
+    def _pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input: str | list[str] | Tensor,
+        return_type: ReturnType = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        stop_at_layer: int | None = None,
+        cache: RecurrentCache | None = None,
+        **unused: Any,
+    ):
+        """Run the model. ``return_type``: "logits" ``[batch, pos, d_vocab]``, "loss" (mean next-token loss, or
+        ``[batch, pos - 1]`` with ``loss_per_token``), "both" (logits, loss), None. ``stop_at_layer=n`` returns the
+        residual stream entering block n. ``cache``: a ``RecurrentCache`` to continue from; it is updated."""
+        if unused.get("attention_mask") is not None:
+            raise ValueError("attention_mask is not supported: recurrent layers have no padding mask; pass unpadded rows")
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        tokens = self._as_tokens(input, prepend_bos)
+        if stop_at_layer is not None:
+            if not -self.cfg.n_layers <= stop_at_layer <= self.cfg.n_layers:
+                raise ValueError(f"stop_at_layer={stop_at_layer} is outside [-{self.cfg.n_layers}, {self.cfg.n_layers}]")
+            if cache is not None:
+                raise ValueError("stop_at_layer cannot be combined with a cache (the cache would be left half-updated)")
+        offset = cache.seq_len if cache is not None else 0
+        resid = self.hook_embed(self.embed(tokens))  # [batch, pos, d_model]
+        blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
+        for layer, block in enumerate(blocks):
+            layer_cache = cache.layers[layer] if cache is not None else None
+            resid = block(resid, layer_cache, offset)
+        if stop_at_layer is not None:
+            return resid
+        if cache is not None:
+            cache.seq_len += tokens.shape[1]
+        if return_type is None:
+            return None
+        logits = self.unembed(self.ln_final(resid))  # [batch, pos, d_vocab]
+        if return_type == "logits":
+            return logits
+        loss = next_token_loss(logits, tokens, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _as_tokens(self, input, prepend_bos) -> Tensor:
+        if isinstance(input, (str, list)):
+            return self.to_tokens(input, prepend_bos=prepend_bos)
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a string, a list of strings or a token tensor, got {type(input).__name__}")
+        if input.is_floating_point() or input.dtype == torch.bool or input.is_complex():
+            raise TypeError(f"token tensor must have an integer dtype (torch.long), got {input.dtype}")
+        if input.dim() == 1:
+            input = input[None]
+        if input.dim() != 2:
+            raise ValueError(f"tokens must be [batch, pos] (or [pos]); got shape {tuple(input.shape)}")
+        if input.numel() and (int(input.min()) < 0 or int(input.max()) >= self.cfg.d_vocab):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}); got min {int(input.min())}, max {int(input.max())}")
+        return input.to(device=self.cfg.device, dtype=torch.long)
+
+    def empty_cache(self) -> RecurrentCache:
+        """A fresh cache to pass as ``forward(..., cache=cache)``."""
+        return RecurrentCache.empty(self.cfg.n_layers)
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(
+        self,
+        input: str | list[str] | Tensor = "",
+        max_new_tokens: int = 10,
+        stop_at_eos: bool = True,
+        eos_token_id: int | None = None,
+        do_sample: bool = True,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: bool | None = None,
+        return_type: Literal["input", "str", "tokens"] = "input",
+        seed: int | None = None,
+        verbose: bool = True,
+    ):
+        """Sample (or, with ``do_sample=False``, greedily decode) ``max_new_tokens`` tokens.
+
+        With ``use_past_kv_cache`` (default) the prompt is run once and each new token costs one step of every layer:
+        O(1) work in recurrent layers, a KV cache in attention layers. Hooks stay active throughout: during decoding
+        each forward call sees one position (its ``pos`` axis has length 1). Rows that emit EOS keep emitting it.
+        """
+        tokens = self._as_tokens(input, prepend_bos)
+        eos = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
+        if stop_at_eos and eos is None:
+            raise ValueError("stop_at_eos=True needs an eos_token_id (the tokenizer has none)")
+        generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
+        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        cache = self.empty_cache() if use_past_kv_cache else None
+        step_input = tokens
+        for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
+            if cache is None:
+                step_input = tokens
+            logits = self(step_input, return_type="logits", cache=cache)[:, -1]
+            next_token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            if stop_at_eos:
+                next_token = torch.where(finished, torch.full_like(next_token, eos), next_token)
+                finished |= next_token == eos
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            step_input = next_token[:, None]
+            if stop_at_eos and bool(finished.all()):
+                break
+        if return_type == "tokens" or (return_type == "input" and isinstance(input, Tensor)):
+            return tokens
+        strings = self.to_string(tokens)
+        return strings[0] if isinstance(input, str) and return_type == "input" else strings
+
+    # ------------------------------------------------------------------ hooks
+    def _enable_hook(self, name, hook, dir):
+        self._check_hook_name(name)
+        return super()._enable_hook(name, hook, dir)
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
+        self._check_hook_name(name)
+        return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def _check_hook_name(self, name) -> None:
+        if isinstance(name, str) and name not in self.hook_dict:
+            close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise KeyError(
+                f"unknown hook point {name!r}.{hint} `model.hook_dict` lists all {len(self.hook_dict)} hook points; "
+                "see the hook reference in docs/hooks.md."
+            )
+        if not isinstance(name, str) and not callable(name):
+            raise TypeError(f"a hook name must be a string or a filter function, got {type(name).__name__}")
+
+    def hook_pos_axis(self, name: str) -> int:
+        """The position axis of a hook's tensor (dim 1 for ``[batch, pos, ...]``, the query axis for patterns)."""
+        return 2 if name.endswith(QUERY_AXIS_HOOKS) else 1
+
+    def get_caching_hooks(
+        self,
+        names_filter=None,
+        incl_bwd: bool = False,
+        device=None,
+        remove_batch_dim: bool = False,
+        cache: dict | None = None,
+        pos_slice=None,
+    ):
+        """As in transformer_lens, except that ``pos_slice`` slices each hook's real position axis and the sparse
+        edit hooks (which carry no activation) are never cached."""
+        from transformer_lens.utilities.slice import Slice
+
+        cache = {} if cache is None else cache
+        pos_slice = Slice.unwrap(pos_slice)
+        wanted = _names_filter_fn(names_filter)
+        self.is_caching = True
+
+        def save(tensor: Tensor, hook: HookPoint, is_backward: bool = False):
+            value = tensor.detach().to(device) if device is not None else tensor.detach()
+            axis = self.hook_pos_axis(hook.name)
+            if remove_batch_dim:
+                value, axis = value[0], axis - 1
+            if value.dim() > axis:
+                value = pos_slice.apply(value, dim=axis)
+            cache[hook.name + ("_grad" if is_backward else "")] = value
+
+        fwd, bwd = [], []
+        for name in self.hook_dict:
+            if name.endswith(SPARSE_HOOK_NAMES) or not wanted(name):
+                continue
+            fwd.append((name, save))
+            if incl_bwd:
+                bwd.append((name, lambda t, hook: save(t, hook, is_backward=True)))
+        return cache, fwd, bwd
+
+    # ------------------------------------------------------------------ devices
+    def to(self, *args, **kwargs):
+        out = super().to(*args, **kwargs)
+        first = next(self.parameters(), None)
+        if first is not None:
+            self.cfg.device = str(first.device)
+            self.cfg.dtype = first.dtype
+        return out
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor, per_token: bool = False) -> Tensor:
+    """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]`` (fp32)."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [batch, pos - 1]
+    return nll if per_token else nll.mean()
+
+
+def _names_filter_fn(names_filter) -> Callable[[str], bool]:
+    if names_filter is None:
+        return lambda name: True
+    if isinstance(names_filter, str):
+        return lambda name: name == names_filter
+    if isinstance(names_filter, (list, tuple, set)):
+        allowed = set(names_filter)
+        return lambda name: name in allowed
+    if callable(names_filter):
+        return names_filter
+    raise ValueError("names_filter must be None, a string, a list of strings, or a function of the hook name")

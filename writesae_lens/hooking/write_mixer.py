@@ -1,0 +1,198 @@
+"""The write interface every recurrent family shares: hook points on the rank-1 write and the edits they allow.
+
+A family's mixer (Gated DeltaNet, Mamba-2, ...) computes its per-token factors and calls
+``MatrixWriteMixer.run_recurrence``; this base class owns the hook points below, so every family exposes the same
+names under ``blocks.{l}.mixer`` and the same edit semantics.
+
+| hook                   | shape                               | meaning                                                     |
+|------------------------|-------------------------------------|-------------------------------------------------------------|
+| ``hook_write_k``       | [batch, pos, head, d_k]             | key of the write ``k_t`` (key heads repeated to value heads)|
+| ``hook_write_v``       | [batch, pos, head, d_v]             | value of the write ``v_t``                                  |
+| ``hook_write_beta``    | [batch, pos, head]                  | write strength ``beta_t``: the write is ``beta_t k_t v_t^T``|
+| ``hook_decay``         | [batch, pos, head]                  | log decay ``g_t``; ``a_t = exp(g_t)``                       |
+| ``hook_read_q``        | [batch, pos, head, d_k]             | query of the read ``q_t``                                   |
+| ``hook_write_add``     | sparse [batch, pos, head, d_k, d_v] | matrices added to the write at t (the read at t sees them)  |
+| ``hook_state``         | [batch, pos, head, d_k * d_v]       | ``S_t`` after the write at t, row-major ``[d_k, d_v]``      |
+| ``hook_post_read_add`` | sparse [batch, pos, head, d_k, d_v] | matrices added to ``S_t`` after the read at t               |
+| ``hook_read``          | [batch, pos, head, d_v]             | ``o_t = S_t^T q_t``                                         |
+
+Edit semantics (checked against a token-by-token reference in the tests):
+
+- Editing ``hook_write_k``, ``hook_write_v`` or ``hook_write_beta`` replaces only the additive write term
+  ``beta_t k_t v_t^T`` at the edited cells; the transition keeps the model's own key and strength (for the delta
+  rule: ``a_t (I - beta_t k_t k_t^T)``). So substituting an atom ``c p q^T`` for the write is ``k := p, v := q,
+  beta := c`` and deleting the write is ``beta := 0``. The recurrence continues from the edited state.
+- Editing ``hook_decay`` changes the transition; editing ``hook_read_q`` changes the reads.
+- ``hook_write_add`` / ``hook_post_read_add`` receive an empty sparse COO tensor (3 sparse dims, 2 dense dims); a hook
+  returns it plus a sparse tensor holding the matrices to add. Memory grows with the number of edited cells.
+  ``hook_post_read_add`` is the timing of a cache edit between two decoding steps: the read at t is unchanged and
+  every later position starts from the edited state.
+- Editing ``hook_state`` at a cell replaces the state there (the read at t sees the replacement) and the recurrence
+  continues from it. Cells whose value a hook leaves unchanged keep following the recurrence. The state trajectory is
+  materialised only when ``hook_state`` has hooks.
+- ``hook_read`` edits change the layer's output only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from ..ops.gated_delta import recurrence
+from ..ops.state_edits import StateEdits, propagate_edits, validate_edits
+
+WRITE_HOOK_NAMES = (
+    "hook_write_k",
+    "hook_write_v",
+    "hook_write_beta",
+    "hook_decay",
+    "hook_read_q",
+    "hook_write_add",
+    "hook_state",
+    "hook_post_read_add",
+    "hook_read",
+)
+SPARSE_HOOK_NAMES = ("hook_write_add", "hook_post_read_add")
+
+
+class MatrixWriteMixer(nn.Module):
+    """Base of the recurrent mixers. Subclasses set ``delta_rule`` (whether the transition erases along the write key
+    with the write strength, as in Gated DeltaNet) and call ``run_recurrence``."""
+
+    delta_rule: bool = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_write_k = HookPoint()  # [batch, pos, head, d_k]
+        self.hook_write_v = HookPoint()  # [batch, pos, head, d_v]
+        self.hook_write_beta = HookPoint()  # [batch, pos, head]
+        self.hook_decay = HookPoint()  # [batch, pos, head]
+        self.hook_read_q = HookPoint()  # [batch, pos, head, d_k]
+        self.hook_write_add = HookPoint()  # sparse [batch, pos, head, d_k, d_v]
+        self.hook_state = HookPoint()  # [batch, pos, head, d_k * d_v]
+        self.hook_post_read_add = HookPoint()  # sparse [batch, pos, head, d_k, d_v]
+        self.hook_read = HookPoint()  # [batch, pos, head, d_v]
+
+    def run_recurrence(
+        self,
+        read_q: Tensor,  # [batch, pos, head, d_k]
+        write_k: Tensor,  # [batch, pos, head, d_k]
+        write_v: Tensor,  # [batch, pos, head, d_v]
+        write_beta: Tensor,  # [batch, pos, head]
+        log_decay: Tensor,  # [batch, pos, head]
+        initial_state: Tensor | None,  # [batch, head, d_k, d_v]
+    ) -> tuple[Tensor, Tensor]:
+        """Apply the write hooks, run the recurrence with every edit, return (reads [b, p, h, d_v], final state)."""
+        batch, n_pos, n_heads, d_k = write_k.shape
+        d_v = write_v.shape[-1]
+        native_k = write_k.clone() if self.hook_write_k.has_hooks() else write_k
+        native_beta = write_beta.clone() if self.hook_write_beta.has_hooks() else write_beta
+
+        key = _checked(self.hook_write_k(write_k), write_k.shape, "hook_write_k")
+        value = _checked(self.hook_write_v(write_v), write_v.shape, "hook_write_v")
+        beta = _checked(self.hook_write_beta(write_beta), write_beta.shape, "hook_write_beta")
+        log_decay = _checked(self.hook_decay(log_decay), log_decay.shape, "hook_decay")
+        query = _checked(self.hook_read_q(read_q), read_q.shape, "hook_read_q")
+        erase = native_beta if self.delta_rule else None
+
+        # The write k u^T with u = beta v. Where the key itself was edited the write leaves the key of the
+        # transition, so it is removed from the chunked run and re-added as an exact sparse edit.
+        write_value = beta.float()[..., None] * value.float()
+        key_edits = None
+        if key is not native_k:
+            moved = (key != native_k).any(-1)  # [batch, pos, head]
+            if bool(moved.any()):
+                b, p, h = moved.nonzero(as_tuple=True)
+                key_edits = StateEdits.build(b, p, h, key[b, p, h].float()[:, :, None] * write_value[b, p, h][:, None, :])
+                write_value = write_value.masked_fill(moved[..., None], 0.0)
+
+        shape5 = (batch, n_pos, n_heads, d_k, d_v)
+        added = _sparse_edits(self.hook_write_add, shape5, after_read=False, device=write_k.device)
+        post_read = _sparse_edits(self.hook_post_read_add, shape5, after_read=True, device=write_k.device)
+        edits = StateEdits.concat(key_edits, added, post_read)
+        for e in (added, post_read):
+            if e is not None:
+                validate_edits(e, batch, n_pos, n_heads, d_k, d_v)
+
+        want_states = self.hook_state.has_hooks()
+        run_base = lambda trajectory: recurrence(  # noqa: E731
+            query, native_k, write_value, log_decay, erase, initial_state, return_trajectory=trajectory
+        )
+        reads, final, base_traj = run_base(want_states)
+        if want_states:
+            rebuild_base = lambda: run_base(True)[2]  # noqa: E731
+            edits = self._apply_state_hook(query, native_k, log_decay, erase, edits, base_traj, rebuild_base)
+        if edits is not None:
+            read_delta, final_delta, _ = propagate_edits(query, native_k, log_decay, erase, edits)
+            reads = reads + read_delta
+            final = final + final_delta
+        reads = _checked(self.hook_read(reads), reads.shape, "hook_read")
+        return reads, final
+
+    def _apply_state_hook(self, query, key, log_decay, erase, edits, base_traj, rebuild_base) -> StateEdits | None:
+        """Show ``hook_state`` the states the reads see; turn the cells its hooks change into assign edits.
+
+        No copy of the trajectory is kept for the comparison: a hook that returns a new tensor leaves the shown one
+        intact, and one that edits in place is detected by the tensor's version counter, after which the unedited
+        trajectory is recomputed (one more pass of the recurrence, only in that case).
+        """
+        batch, n_pos, n_heads, d_k, d_v = base_traj.shape
+        correction = None
+        if edits is not None:
+            correction = propagate_edits(query, key, log_decay, erase, edits, return_trajectory=True)[2]
+        shown = base_traj if correction is None else base_traj + correction
+        flat = shown.reshape(batch, n_pos, n_heads, d_k * d_v)
+        version = flat._version
+        hooked = self.hook_state(flat)
+        edited_in_place = flat._version != version
+        if hooked is flat and not edited_in_place:
+            return edits  # nobody edited the states
+        hooked = _checked(hooked, flat.shape, "hook_state").reshape(batch, n_pos, n_heads, d_k, d_v).float()
+        if edited_in_place:  # the shown tensor was overwritten: rebuild it
+            if correction is None:
+                base_traj = shown = rebuild_base()
+            else:
+                shown = base_traj + correction
+        changed = (hooked != shown).flatten(-2).any(-1)  # [batch, pos, head]
+        if not bool(changed.any()):
+            return edits
+        b, p, h = changed.nonzero(as_tuple=True)
+        # The edited state at a replaced cell is S' = base + correction, so the correction there becomes S' - base.
+        assigns = StateEdits.build(b, p, h, hooked[b, p, h] - base_traj[b, p, h], assign=True)
+        return StateEdits.concat(edits, assigns)
+
+
+def _checked(tensor: Tensor, shape: torch.Size, name: str) -> Tensor:
+    if not isinstance(tensor, Tensor) or tuple(tensor.shape) != tuple(shape):
+        got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise ValueError(f"a hook on {name} returned {got}; it must keep the shape {tuple(shape)}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"a hook on {name} returned non-finite values")
+    return tensor
+
+
+def empty_sparse_edits(shape5: tuple[int, ...], device) -> Tensor:
+    """The empty sparse tensor shown to ``hook_write_add`` / ``hook_post_read_add``."""
+    batch, n_pos, n_heads, d_k, d_v = shape5
+    indices = torch.zeros(3, 0, dtype=torch.long, device=device)
+    values = torch.zeros(0, d_k, d_v, device=device)
+    return torch.sparse_coo_tensor(indices, values, shape5, device=device)
+
+
+def _sparse_edits(hook: HookPoint, shape5, after_read: bool, device) -> StateEdits | None:
+    if not hook.has_hooks():
+        return None
+    out = hook(empty_sparse_edits(shape5, device))
+    if not isinstance(out, Tensor) or tuple(out.shape) != tuple(shape5):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"a hook on {hook.name} returned {got}; it must return a tensor of shape {tuple(shape5)}")
+    if not out.is_sparse:
+        out = out.to_sparse(sparse_dim=3)
+    if out.sparse_dim() != 3:
+        raise ValueError(f"{hook.name} edits must be sparse over (batch, pos, head) with dense (d_k, d_v) matrices")
+    out = out.coalesce()
+    indices, values = out.indices(), out.values()
+    if values.shape[0] == 0:
+        return None
+    return StateEdits.build(indices[0], indices[1], indices[2], values, after_read=after_read)

@@ -1,0 +1,183 @@
+"""The matrix recurrence shared by Gated DeltaNet and Mamba-2, in two implementations that must agree.
+
+One head keeps a state ``S`` of shape ``[d_k, d_v]`` (key axis first, as transformers' caches store it). At each
+token ``t`` the state is moved by a transition and receives an additive write:
+
+    S_t = a_t (I - e_t k_t k_t^T) S_{t-1} + k_t u_t^T          (recurrence)
+    o_t = S_t^T q_t                                               (read, after the write)
+
+with ``a_t = exp(log_decay_t)``. For Gated DeltaNet ``e_t = beta_t`` (the delta rule's erase strength) and the write
+is ``u_t = beta_t v_t``; for Mamba-2 there is no erase (``erase_strength=None``) and ``u_t = dt_t x_t``. Keeping the
+write value ``u`` separate from the erase strength is what lets an edit change the write without touching the
+transition (the paper's "native write" is exactly the term ``k_t u_t^T``).
+
+``recurrence_reference`` is the token-by-token truth. ``recurrence_chunked`` is the fast path (the WY/UT-transform
+chunked algorithm of the delta-rule literature, generalised to a free write value), and can also return the whole
+state trajectory from chunked algebra instead of a Python loop per token.
+
+Tensor layout everywhere: ``[batch, pos, head, ...]`` like the hooks; states are ``[batch, head, d_k, d_v]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+def recurrence_reference(
+    query: Float[Tensor, "batch pos head d_k"],
+    key: Float[Tensor, "batch pos head d_k"],
+    write_value: Float[Tensor, "batch pos head d_v"],
+    log_decay: Float[Tensor, "batch pos head"],
+    erase_strength: Float[Tensor, "batch pos head"] | None = None,
+    initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
+    return_trajectory: bool = False,
+) -> tuple[
+    Float[Tensor, "batch pos head d_v"],
+    Float[Tensor, "batch head d_k d_v"],
+    Float[Tensor, "batch pos head d_k d_v"] | None,
+]:
+    """Token-by-token recurrence: returns (reads, final state, trajectory or None). Computes in fp32."""
+    batch, n_pos, n_heads, d_k = key.shape
+    d_v = write_value.shape[-1]
+    state = _initial_state(initial_state, batch, n_heads, d_k, d_v, key.device)
+    reads, trajectory = [], []
+    for t in range(n_pos):
+        q_t, k_t, u_t = (x[:, t].float() for x in (query, key, write_value))  # [batch, head, d]
+        state = state * log_decay[:, t].float().exp()[..., None, None]
+        if erase_strength is not None:
+            remembered = torch.einsum("bhkv,bhk->bhv", state, k_t)  # S^T k: what the state recalls for k
+            u_t = u_t - erase_strength[:, t].float()[..., None] * remembered
+        state = state + k_t[..., :, None] * u_t[..., None, :]
+        reads.append(torch.einsum("bhkv,bhk->bhv", state, q_t))
+        if return_trajectory:
+            trajectory.append(state)
+    if n_pos == 0:
+        empty_reads = write_value.new_zeros(batch, 0, n_heads, d_v, dtype=torch.float32)
+        empty_traj = write_value.new_zeros(batch, 0, n_heads, d_k, d_v, dtype=torch.float32)
+        return empty_reads, state, (empty_traj if return_trajectory else None)
+    traj = torch.stack(trajectory, dim=1) if return_trajectory else None
+    return torch.stack(reads, dim=1), state, traj
+
+
+def recurrence_chunked(
+    query: Float[Tensor, "batch pos head d_k"],
+    key: Float[Tensor, "batch pos head d_k"],
+    write_value: Float[Tensor, "batch pos head d_v"],
+    log_decay: Float[Tensor, "batch pos head"],
+    erase_strength: Float[Tensor, "batch pos head"] | None = None,
+    initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
+    return_trajectory: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[
+    Float[Tensor, "batch pos head d_v"],
+    Float[Tensor, "batch head d_k d_v"],
+    Float[Tensor, "batch pos head d_k d_v"] | None,
+]:
+    """Same contract as ``recurrence_reference``, computed chunk by chunk in fp32.
+
+    Inside a chunk with start state ``S`` and cumulative log decay ``G_i = sum_{j<=i} log_decay_j``, write
+    ``delta_i`` for the effective value stored at ``i`` (``S_i = a_i S_{i-1} + k_i delta_i^T``). Then
+
+        delta_i = u_i - e_i [exp(G_i) S^T k_i + sum_{j<i} exp(G_i - G_j) (k_j . k_i) delta_j]
+
+    is a unit-lower-triangular system ``(I + L) delta = u - diag(e exp(G)) K S``, solved once per chunk as
+    ``delta = U - W S``. Reads and the next chunk's start state follow in closed form:
+
+        o_i   = exp(G_i) S^T q_i + sum_{j<=i} exp(G_i - G_j) (q_i . k_j) delta_j
+        S_end = exp(G_last) S + sum_j exp(G_last - G_j) k_j delta_j^T
+        S_i   = exp(G_i) S + sum_{j<=i} exp(G_i - G_j) k_j delta_j^T          (trajectory, only if asked)
+    """
+    batch, n_pos, n_heads, d_k = key.shape
+    d_v = write_value.shape[-1]
+    state = _initial_state(initial_state, batch, n_heads, d_k, d_v, key.device)
+    if n_pos == 0:
+        return recurrence_reference(query, key, write_value, log_decay, erase_strength, state, return_trajectory)
+
+    pad = (-n_pos) % chunk_size
+    n_chunks = (n_pos + pad) // chunk_size
+
+    def chunked(x: Tensor) -> Tensor:
+        # [batch, pos, head, *rest] -> [batch, head, chunk, chunk_pos, *rest], fp32, zero-padded at the end
+        x = x.float().transpose(1, 2)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))
+        return x.reshape(batch, n_heads, n_chunks, chunk_size, *x.shape[3:])
+
+    q, k, u = chunked(query), chunked(key), chunked(write_value)  # [b, h, n, C, d]
+    cum_log_decay = chunked(log_decay).cumsum(-1)  # G: [b, h, n, C]
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=key.device).tril()
+    # decay_between[i, j] = exp(G_i - G_j) for j <= i, else 0
+    decay_between = (cum_log_decay[..., :, None] - cum_log_decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    decay_from_start = cum_log_decay.exp()  # exp(G_i): [b, h, n, C]
+
+    if erase_strength is not None:
+        e = chunked(erase_strength)[..., None]  # [b, h, n, C, 1]
+        strictly_lower = (e * (k @ k.transpose(-1, -2)) * decay_between).tril(-1)
+        system = strictly_lower + torch.eye(chunk_size, device=key.device)
+        new_values = torch.linalg.solve_triangular(system, u, upper=False, unitriangular=True)  # U
+        state_readout = torch.linalg.solve_triangular(
+            system, e * k * decay_from_start[..., None], upper=False, unitriangular=True
+        )  # W
+    else:
+        new_values, state_readout = u, None
+
+    read_weights = (q @ k.transpose(-1, -2)) * decay_between  # [b, h, n, C, C]
+    q_decayed = q * decay_from_start[..., None]
+    decay_to_end = (cum_log_decay[..., -1:] - cum_log_decay).exp()  # exp(G_last - G_j)
+    k_to_end = k * decay_to_end[..., None]
+    chunk_decay = decay_from_start[..., -1, None, None]  # [b, h, n, 1, 1]
+
+    reads = torch.empty(batch, n_heads, n_chunks, chunk_size, d_v, device=key.device)
+    deltas = torch.empty_like(reads) if return_trajectory else None
+    start_states = []
+    for c in range(n_chunks):
+        delta = new_values[:, :, c]
+        if state_readout is not None:
+            delta = delta - state_readout[:, :, c] @ state
+        reads[:, :, c] = q_decayed[:, :, c] @ state + read_weights[:, :, c] @ delta
+        if return_trajectory:
+            deltas[:, :, c] = delta
+            start_states.append(state)
+        state = state * chunk_decay[:, :, c] + k_to_end[:, :, c].transpose(-1, -2) @ delta
+
+    reads = reads.reshape(batch, n_heads, -1, d_v)[:, :, :n_pos].transpose(1, 2)
+    trajectory = None
+    if return_trajectory:
+        starts = torch.stack(start_states, dim=2)  # [b, h, n, d_k, d_v]
+        within = torch.einsum("bhnij,bhnjk,bhnjv->bnihkv", decay_between, k, deltas)
+        trajectory = within + torch.einsum("bhni,bhnkv->bnihkv", decay_from_start, starts)
+        trajectory = trajectory.reshape(batch, n_chunks * chunk_size, n_heads, d_k, d_v)[:, :n_pos]
+    return reads, state, trajectory
+
+
+def recurrence(
+    query: Tensor,
+    key: Tensor,
+    write_value: Tensor,
+    log_decay: Tensor,
+    erase_strength: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_trajectory: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    step_threshold: int = 8,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Dispatch: the step loop for a handful of tokens (decoding), the chunked algorithm otherwise."""
+    if key.shape[1] <= step_threshold:
+        return recurrence_reference(query, key, write_value, log_decay, erase_strength, initial_state, return_trajectory)
+    return recurrence_chunked(
+        query, key, write_value, log_decay, erase_strength, initial_state, return_trajectory, chunk_size
+    )
+
+
+def _initial_state(initial_state: Tensor | None, batch: int, n_heads: int, d_k: int, d_v: int, device) -> Tensor:
+    if initial_state is None:
+        return torch.zeros(batch, n_heads, d_k, d_v, device=device)
+    expected = (batch, n_heads, d_k, d_v)
+    if tuple(initial_state.shape) != expected:
+        raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}; expected {expected} [batch, head, d_k, d_v]")
+    return initial_state.float()
