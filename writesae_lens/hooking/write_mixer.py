@@ -177,7 +177,7 @@ def empty_sparse_edits(shape5: tuple[int, ...], device) -> Tensor:
     batch, n_pos, n_heads, d_k, d_v = shape5
     indices = torch.zeros(3, 0, dtype=torch.long, device=device)
     values = torch.zeros(0, d_k, d_v, device=device)
-    return torch.sparse_coo_tensor(indices, values, shape5, device=device)
+    return torch.sparse_coo_tensor(indices, values, shape5, device=device, check_invariants=False)
 
 
 def _sparse_edits(hook: HookPoint, shape5, after_read: bool, device) -> StateEdits | None:

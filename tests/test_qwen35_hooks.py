@@ -1,0 +1,195 @@
+"""Hook points of HookedQwen35: shapes, the identities that define them, caching, lifecycle, continuity."""
+
+import pytest
+import torch
+
+import writesae_lens.hooking.write_mixer as write_mixer
+
+LAYER = 2
+
+
+@pytest.fixture(scope="module")
+def model(qwen35_pair):
+    return qwen35_pair[1]
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 100, (2, 70), generator=torch.Generator().manual_seed(21))
+
+
+@pytest.fixture(scope="module")
+def full_cache(model, tokens):
+    with torch.no_grad():
+        return model.run_with_cache(tokens)[1]
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_hook_shapes(model, full_cache):
+    cfg = model.cfg
+    b, p = 2, 70
+    m = f"blocks.{LAYER}.mixer."
+    expected = {
+        "hook_embed": (b, p, cfg.d_model),
+        f"blocks.{LAYER}.hook_resid_pre": (b, p, cfg.d_model),
+        f"blocks.{LAYER}.hook_mixer_out": (b, p, cfg.d_model),
+        m + "hook_write_k": (b, p, cfg.n_heads, cfg.d_k),
+        m + "hook_write_v": (b, p, cfg.n_heads, cfg.d_v),
+        m + "hook_write_beta": (b, p, cfg.n_heads),
+        m + "hook_decay": (b, p, cfg.n_heads),
+        m + "hook_read_q": (b, p, cfg.n_heads, cfg.d_k),
+        m + "hook_state": (b, p, cfg.n_heads, cfg.d_k * cfg.d_v),
+        m + "hook_read": (b, p, cfg.n_heads, cfg.d_v),
+        m + "hook_gate": (b, p, cfg.n_heads, cfg.d_v),
+        "blocks.3.attn.hook_q": (b, p, cfg.n_attn_heads, cfg.d_head),
+        "blocks.3.attn.hook_k": (b, p, cfg.n_kv_heads, cfg.d_head),
+        "blocks.3.attn.hook_pattern": (b, cfg.n_attn_heads, p, p),
+        "blocks.3.attn.hook_z": (b, p, cfg.n_attn_heads, cfg.d_head),
+        "blocks.3.attn.hook_gate": (b, p, cfg.n_attn_heads, cfg.d_head),
+        "blocks.3.hook_attn_out": (b, p, cfg.d_model),
+        "blocks.3.mlp.hook_post": (b, p, cfg.d_mlp),
+        "ln_final.hook_normalized": (b, p, cfg.d_model),
+    }
+    for name, shape in expected.items():
+        assert tuple(full_cache[name].shape) == shape, name
+    assert not any(name.endswith(("hook_write_add", "hook_post_read_add")) for name in full_cache)
+
+
+def test_write_hooks_define_the_recurrence(model, full_cache):
+    """From one run_with_cache: S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T and read_t = S_t^T q_t."""
+    m = f"blocks.{LAYER}.mixer."
+    k, v, beta, g, q = (full_cache[m + n] for n in ("hook_write_k", "hook_write_v", "hook_write_beta", "hook_decay",
+                                                    "hook_read_q"))
+    cfg = model.cfg
+    states = full_cache[m + "hook_state"].reshape(*k.shape[:3], cfg.d_k, cfg.d_v)
+    previous = torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1)
+    a = g.exp()[..., None, None]
+    erase = beta[..., None, None] * k[..., :, None] * torch.einsum("bphkv,bphk->bphv", previous, k)[..., None, :]
+    write = beta[..., None, None] * k[..., :, None] * v[..., None, :]
+    predicted = a * (previous - erase) + write
+    assert rel(predicted, states) <= 1e-5
+    assert rel(torch.einsum("bphkv,bphk->bphv", states, q), full_cache[m + "hook_read"]) <= 1e-5
+    # key normalisation and the query scale are part of the hook definitions
+    assert torch.allclose(k.norm(dim=-1), torch.ones(()), atol=1e-4)
+    assert torch.allclose(q.norm(dim=-1), torch.full((), cfg.d_k**-0.5), atol=1e-4)
+
+
+def test_key_heads_are_repeated_to_value_heads(model, full_cache):
+    k = full_cache[f"blocks.{LAYER}.mixer.hook_write_k"]
+    repeat = model.cfg.n_heads // model.cfg.n_key_heads
+    assert repeat == 2
+    assert torch.equal(k[:, :, 0], k[:, :, 1]) and torch.equal(k[:, :, 2], k[:, :, 3])
+    assert not torch.equal(k[:, :, 1], k[:, :, 2])
+
+
+def test_residual_identities(model, full_cache):
+    for layer in range(model.cfg.n_layers):
+        pre, mid, post = (full_cache[f"blocks.{layer}.hook_resid_{x}"] for x in ("pre", "mid", "post"))
+        mixer = full_cache[f"blocks.{layer}.hook_{'attn' if layer == 3 else 'mixer'}_out"]
+        assert torch.allclose(pre + mixer, mid, atol=1e-6)
+        assert torch.allclose(mid + full_cache[f"blocks.{layer}.hook_mlp_out"], post, atol=1e-6)
+        if layer:
+            assert torch.equal(full_cache[f"blocks.{layer - 1}.hook_resid_post"], pre)
+    assert torch.equal(full_cache["hook_embed"], full_cache["blocks.0.hook_resid_pre"])
+
+
+def test_state_trajectory_is_built_only_when_listened_to(model, tokens, monkeypatch):
+    asked = []
+    real = write_mixer.recurrence
+
+    def spy(*args, return_trajectory=False, **kwargs):
+        asked.append(return_trajectory)
+        return real(*args, return_trajectory=return_trajectory, **kwargs)
+
+    monkeypatch.setattr(write_mixer, "recurrence", spy)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_write_k", "hook_resid_post")))
+    assert asked and not any(asked)
+    assert not any(n.endswith("hook_state") for n in cache)
+    asked.clear()
+    with torch.no_grad():
+        model.run_with_cache(tokens, names_filter=f"blocks.{LAYER}.mixer.hook_state")
+    assert asked.count(True) == 1
+
+
+def test_pos_slice_slices_the_position_axis(model, tokens, full_cache):
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, pos_slice=(5, 9),
+                                        names_filter=lambda n: n.endswith(("mixer.hook_write_k", "hook_pattern",
+                                                                           "hook_resid_pre", "mixer.hook_write_beta")))
+    name = f"blocks.{LAYER}.mixer.hook_write_k"
+    assert torch.equal(cache[name], full_cache[name][:, 5:9])
+    beta = f"blocks.{LAYER}.mixer.hook_write_beta"
+    assert torch.equal(cache[beta], full_cache[beta][:, 5:9])
+    assert torch.equal(cache["blocks.3.attn.hook_pattern"], full_cache["blocks.3.attn.hook_pattern"][:, :, 5:9])
+    with torch.no_grad():
+        _, single = model.run_with_cache(tokens[:1], remove_batch_dim=True, pos_slice=-1, names_filter=name)
+    assert torch.allclose(single[name], full_cache[name][0, -1:], atol=1e-6)  # transformer_lens keeps the axis for an int
+
+
+def test_prefix_then_continue_equals_full_run(model, tokens):
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.empty_cache()
+        parts = [model(tokens[:, a:b], cache=cache) for a, b in ((0, 33), (33, 34), (34, 70))]
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=2e-5)
+    assert cache.seq_len == 70
+    state = cache.recurrent_state(LAYER)
+    assert state.shape == (2, model.cfg.n_heads, model.cfg.d_k, model.cfg.d_v)
+    with pytest.raises(KeyError, match="no recurrent state"):
+        cache.recurrent_state(3)
+
+
+def test_cache_matches_transformers_recurrent_state(qwen35_pair, tokens):
+    hf, model = qwen35_pair
+    with torch.no_grad():
+        out = hf(tokens, use_cache=True)
+        cache = model.empty_cache()
+        model(tokens, cache=cache)
+    ref = out.cache.get_recurrent_state(LAYER) if hasattr(out, "cache") else out.past_key_values.get_recurrent_state(LAYER)
+    assert rel(cache.recurrent_state(LAYER), ref) <= 1e-4
+
+
+def test_hooks_are_removed_after_an_exception(model, tokens):
+    def broken(x, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.mixer.hook_write_v", broken)])
+    assert not any(hp.has_hooks() for hp in model.hook_dict.values())
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.hooks(fwd_hooks=[(f"blocks.{LAYER}.mixer.hook_state", broken)]):
+            model(tokens)
+    assert not any(hp.has_hooks() for hp in model.hook_dict.values())
+
+
+def test_nested_hook_contexts(model, tokens):
+    name = f"blocks.{LAYER}.mixer.hook_write_beta"
+    zero = lambda x, hook: torch.zeros_like(x)  # noqa: E731
+    seen = []
+    record = lambda x, hook: seen.append(float(x.abs().sum()))  # noqa: E731
+    with torch.no_grad(), model.hooks(fwd_hooks=[(name, zero)]):
+        outer = model(tokens)
+        with model.hooks(fwd_hooks=[(name, record)]):
+            model(tokens)
+        assert model.hook_dict[name].has_hooks()
+        assert torch.equal(model(tokens), outer)
+    assert not model.hook_dict[name].has_hooks()
+    assert seen == [0.0]  # the inner hook ran after the outer edit
+
+
+def test_sae_lens_style_calls(model, tokens):
+    """The calls SAELens' ActivationsStore and evals make."""
+    toks = model.to_tokens("not needed", prepend_bos=False, move_to_device=False, truncate=False) if model.tokenizer else tokens
+    assert toks.dtype == torch.long
+    hook = f"blocks.{LAYER}.mixer.hook_state"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=LAYER + 1, prepend_bos=False)
+        logits, loss = model(tokens, return_type="both", loss_per_token=True)
+    assert cache[hook][:, :, 1].shape == (2, 70, model.cfg.d_k * model.cfg.d_v)  # hook_head_index=1
+    assert loss.shape == (2, 69)
+    assert model.W_E.shape == (model.cfg.d_vocab, model.cfg.d_model)
+    assert model.W_U.shape == (model.cfg.d_model, model.cfg.d_vocab)
