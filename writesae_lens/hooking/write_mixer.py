@@ -135,7 +135,8 @@ class MatrixWriteMixer(nn.Module):
 
         No copy of the trajectory is kept for the comparison: a hook that returns a new tensor leaves the shown one
         intact, and one that edits in place is detected by the tensor's version counter, after which the unedited
-        trajectory is recomputed (one more pass of the recurrence, only in that case).
+        trajectory is recomputed (one more pass of the recurrence, only in that case). Under ``torch.inference_mode``
+        tensors have no version counter, so there a copy is kept for the comparison.
         """
         batch, n_pos, n_heads, d_k, d_v = base_traj.shape
         correction = None
@@ -143,10 +144,14 @@ class MatrixWriteMixer(nn.Module):
             correction = propagate_edits(query, key, log_decay, erase, edits, return_trajectory=True)[2]
         shown = base_traj if correction is None else base_traj + correction
         flat = shown.reshape(batch, n_pos, n_heads, d_k * d_v)
-        version = flat._version
+        if flat.is_inference():  # inference tensors keep no version counter: compare against a copy instead
+            shown = shown.clone()
+            version = None
+        else:
+            version = flat._version
         hooked = self.hook_state(flat)
-        edited_in_place = flat._version != version
-        if hooked is flat and not edited_in_place:
+        edited_in_place = version is not None and flat._version != version
+        if hooked is flat and version is not None and not edited_in_place:
             return edits  # nobody edited the states
         hooked = _checked(hooked, flat.shape, "hook_state").reshape(batch, n_pos, n_heads, d_k, d_v).float()
         if edited_in_place:  # the shown tensor was overwritten: rebuild it
