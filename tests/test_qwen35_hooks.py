@@ -193,3 +193,16 @@ def test_sae_lens_style_calls(model, tokens):
     assert loss.shape == (2, 69)
     assert model.W_E.shape == (model.cfg.d_vocab, model.cfg.d_model)
     assert model.W_U.shape == (model.cfg.d_model, model.cfg.d_vocab)
+
+
+def test_start_at_layer_continues_from_a_residual(model, tokens, full_cache):
+    with torch.no_grad():
+        resid = model(tokens, stop_at_layer=2)
+        assert torch.equal(resid, full_cache["blocks.2.hook_resid_pre"])
+        assert torch.equal(model(tokens, stop_at_layer=-2), resid)
+        logits = model(resid, start_at_layer=2)
+        loss = model(resid, start_at_layer=2, tokens=tokens, return_type="loss")
+    assert torch.allclose(logits, model(tokens), atol=1e-6)
+    assert torch.allclose(loss, model(tokens, return_type="loss"), atol=1e-6)
+    with pytest.raises(ValueError, match="residual stream"):
+        model(tokens, start_at_layer=2)

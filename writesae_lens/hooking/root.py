@@ -103,31 +103,49 @@ class HookedRecurrentLM(HookedRootModule):
         prepend_bos: bool | None = None,
         stop_at_layer: int | None = None,
         cache: RecurrentCache | None = None,
+        start_at_layer: int | None = None,
+        tokens: Tensor | None = None,
         **unused: Any,
     ):
         """Run the model. ``return_type``: "logits" ``[batch, pos, d_vocab]``, "loss" (mean next-token loss, or
         ``[batch, pos - 1]`` with ``loss_per_token``), "both" (logits, loss), None. ``stop_at_layer=n`` returns the
-        residual stream entering block n. ``cache``: a ``RecurrentCache`` to continue from; it is updated."""
+        residual stream entering block n. ``start_at_layer=n`` takes that residual stream ``[batch, pos, d_model]``
+        as ``input`` and runs blocks n onwards (pass ``tokens`` too for a loss). ``cache``: a ``RecurrentCache`` to
+        continue from; it is updated (only its blocks from ``start_at_layer`` on, when that is set)."""
         if unused.get("attention_mask") is not None:
             raise ValueError("attention_mask is not supported: recurrent layers have no padding mask; pass unpadded rows")
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
-        tokens = self._as_tokens(input, prepend_bos)
+        if start_at_layer is not None:
+            if not 0 <= start_at_layer < self.cfg.n_layers:
+                raise ValueError(f"start_at_layer={start_at_layer} is outside [0, {self.cfg.n_layers})")
+            if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[-1] != self.cfg.d_model:
+                got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+                raise ValueError(f"with start_at_layer the input is the residual stream [batch, pos, {self.cfg.d_model}]; got {got}")
+            if return_type in ("loss", "both") and tokens is None:
+                raise ValueError("a loss with start_at_layer needs the tokens: pass tokens=...")
+            resid, first = input, start_at_layer
+            tokens = self._as_tokens(tokens, prepend_bos) if tokens is not None else None
+        else:
+            tokens = self._as_tokens(input, prepend_bos)
+            resid, first = None, 0
         if stop_at_layer is not None:
             if not -self.cfg.n_layers <= stop_at_layer <= self.cfg.n_layers:
                 raise ValueError(f"stop_at_layer={stop_at_layer} is outside [-{self.cfg.n_layers}, {self.cfg.n_layers}]")
             if cache is not None:
                 raise ValueError("stop_at_layer cannot be combined with a cache (the cache would be left half-updated)")
         offset = cache.seq_len if cache is not None else 0
-        resid = self.hook_embed(self.embed(tokens))  # [batch, pos, d_model]
-        blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
-        for layer, block in enumerate(blocks):
+        if resid is None:
+            resid = self.hook_embed(self.embed(tokens))  # [batch, pos, d_model]
+        last = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
+        last = last + self.cfg.n_layers if last < 0 else last  # negative: count from the end, as in transformer_lens
+        for layer in range(first, last):
             layer_cache = cache.layers[layer] if cache is not None else None
-            resid = block(resid, layer_cache, offset)
+            resid = self.blocks[layer](resid, layer_cache, offset)
         if stop_at_layer is not None:
             return resid
         if cache is not None:
-            cache.seq_len += tokens.shape[1]
+            cache.seq_len += resid.shape[1]
         if return_type is None:
             return None
         logits = self.unembed(self.ln_final(resid))  # [batch, pos, d_vocab]
