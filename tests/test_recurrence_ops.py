@@ -102,3 +102,13 @@ def test_propagated_edits_equal_naive_edited_run():
     assert torch.count_nonzero(read_delta[[0, 2]]) == 0
     assert torch.count_nonzero(read_delta[1, :11]) == 0  # after the read at 10: position 10 is unchanged
     assert torch.count_nonzero(read_delta[1, 11:]) > 0
+
+
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_states_at_selected_positions(chunk):
+    q, k, v, beta, g, s0 = factors(2, 45, 3, 5, 7, seed=9)
+    positions = torch.tensor([0, 7, 8, 30, 44, 8])
+    _, _, traj = recurrence_reference(q, k, beta[..., None] * v, g, beta, s0, return_trajectory=True)
+    _, _, picked = recurrence_chunked(q, k, beta[..., None] * v, g, beta, s0, chunk_size=chunk, state_positions=positions)
+    assert picked.shape == (2, 6, 3, 5, 7)
+    assert torch.allclose(picked, traj[:, positions], atol=2e-5)

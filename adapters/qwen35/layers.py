@@ -65,7 +65,16 @@ class GatedDeltaNet(MatrixWriteMixer):
         log_decay = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
 
         initial = layer_cache.get("state") if layer_cache is not None else None
-        reads, final_state = self.run_recurrence(q, k, v, beta, log_decay, initial)
+        snapshot_at = layer_cache.get("snapshot_at") if layer_cache is not None else None
+        if snapshot_at is None:
+            reads, final_state = self.run_recurrence(q, k, v, beta, log_decay, initial)
+        else:  # keep the states after the first s tokens of this call (s = 0: the initial state)
+            reads, final_state, picked = self.run_recurrence(q, k, v, beta, log_decay, initial,
+                                                             (snapshot_at - 1).clamp(min=0))
+            if initial is None:
+                initial = picked.new_zeros(batch, cfg.n_heads, cfg.d_k, cfg.d_v)
+            picked = torch.where((snapshot_at == 0).to(picked.device)[None, :, None, None, None], initial[:, None], picked)
+            layer_cache["snapshots"]["state"] = picked
         if layer_cache is not None:
             layer_cache["state"] = final_state
 
@@ -79,8 +88,14 @@ class GatedDeltaNet(MatrixWriteMixer):
         if history is None:
             history = projected.new_zeros(batch, channels, self.cfg.conv_kernel - 1)
         full = torch.cat([history.to(projected.dtype), projected.transpose(1, 2)], dim=-1)
+        width = self.cfg.conv_kernel - 1
         if layer_cache is not None:
-            layer_cache["conv"] = full[..., full.shape[-1] - (self.cfg.conv_kernel - 1) :]
+            layer_cache["conv"] = full[..., full.shape[-1] - width :]
+            if layer_cache.get("snapshot_at") is not None:  # the conv inputs before the first s tokens of this call
+                starts = layer_cache["snapshot_at"].to(full.device)
+                window = starts[:, None] + torch.arange(width, device=full.device)  # [n_sel, width]
+                layer_cache["snapshots"] = {"conv": full[:, :, window].permute(0, 2, 1, 3)}  # [b, n_sel, C, width]
+                layer_cache["snapshot_len"] = n_pos
         return F.silu(F.conv1d(full, self.conv1d.weight, groups=channels)).transpose(1, 2)
 
     def _gated_norm(self, reads: Tensor, gate: Tensor) -> Tensor:
@@ -111,7 +126,7 @@ class GatedAttention(nn.Module):
                      "hook_z", "hook_gate"):
             setattr(self, name, HookPoint())
 
-    def forward(self, x: Tensor, layer_cache: dict | None, pos_offset: int) -> Tensor:
+    def forward(self, x: Tensor, layer_cache: dict | None, pos_offset: int | Tensor) -> Tensor:
         cfg = self.cfg
         batch, n_pos, _ = x.shape
         query_gate = self.q_proj(x).reshape(batch, n_pos, cfg.n_attn_heads, 2 * cfg.d_head)
@@ -123,28 +138,39 @@ class GatedAttention(nn.Module):
         q, k = self.hook_rot_q(_rotate(q, cos, sin)), self.hook_rot_k(_rotate(k, cos, sin))
 
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [batch, kv_head, pos, d_head]
+        valid = None  # [batch, key_pos]: which cached keys are real (a stacked cache right-pads rows)
         if layer_cache is not None:
             if "k" in layer_cache:
                 k = torch.cat([layer_cache["k"], k], dim=2)
                 v = torch.cat([layer_cache["v"], v], dim=2)
             layer_cache["k"], layer_cache["v"] = k, v
+            if "valid" in layer_cache:
+                valid = torch.cat([layer_cache["valid"], layer_cache["valid"].new_ones(batch, n_pos)], dim=1)
+                layer_cache["valid"] = valid
         repeat = cfg.n_attn_heads // cfg.n_kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
 
         scores = (q.transpose(1, 2) @ k.transpose(-1, -2)) * cfg.d_head**-0.5  # [batch, head, q_pos, k_pos]
         n_keys = k.shape[2]
         allowed = torch.ones(n_pos, n_keys, dtype=torch.bool, device=x.device).tril(n_keys - n_pos)
+        if valid is not None:
+            allowed = allowed & valid[:, None, None, :]  # [batch, 1, q_pos, k_pos]
         scores = self.hook_attn_scores(scores.masked_fill(~allowed, float("-inf")))
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
         z = self.hook_z((pattern @ v).transpose(1, 2))  # [batch, pos, head, d_head]
         gate = self.hook_gate(torch.sigmoid(gate))
         return self.o_proj((z * gate).reshape(batch, n_pos, -1))
 
-    def _rotary(self, pos_offset: int, n_pos: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        positions = torch.arange(pos_offset, pos_offset + n_pos, device=x.device, dtype=torch.float)
-        freqs = positions[:, None] * self.inv_freq[None, :]
-        angles = torch.cat([freqs, freqs], dim=-1)  # [pos, rotary_dim]
-        return angles.cos().to(x.dtype)[None, :, None], angles.sin().to(x.dtype)[None, :, None]
+    def _rotary(self, pos_offset, n_pos: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [1 or batch, pos, 1, rotary_dim]; ``pos_offset`` is an int or a per-row [batch] tensor."""
+        steps = torch.arange(n_pos, device=x.device)
+        if isinstance(pos_offset, Tensor):
+            positions = (pos_offset.to(x.device)[:, None] + steps).float()  # [batch, pos]
+        else:
+            positions = (pos_offset + steps).float()[None]  # [1, pos]
+        freqs = positions[..., None] * self.inv_freq
+        angles = torch.cat([freqs, freqs], dim=-1)  # [1 or batch, pos, rotary_dim]
+        return angles.cos().to(x.dtype)[:, :, None], angles.sin().to(x.dtype)[:, :, None]
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -179,7 +205,7 @@ class Qwen35Block(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, resid: Tensor, layer_cache: dict | None, pos_offset: int) -> Tensor:
+    def forward(self, resid: Tensor, layer_cache: dict | None, pos_offset: int | Tensor) -> Tensor:
         resid = self.hook_resid_pre(resid)
         if self.is_attention:
             mixed = self.hook_attn_out(self.attn(self.ln1(resid), layer_cache, pos_offset))

@@ -15,11 +15,13 @@ that changes is the one at t + 1) or ``"write"`` (the write itself is edited, so
 KL is read (``kl_at``): ``"next"``, the first output the edit can change, or ``"end"``, the passage's last position
 with the rest teacher-forced.
 
-How it is fast and still exact: each passage's native pass is run once; layers before the edited one are never run
-again (the residual stream entering the layer is reused); positions before a group of firings are run once for the
-group (a native cache is advanced through the passage, never copied per condition), and all firings x conditions of
-a group run as one batch from the earliest firing on, each row carrying its own edit as a sparse post-read (or write)
-addition. Every record equals what the hook path (``interventions.add_to_state`` on the whole passage) gives.
+How it is fast and still exact: per passage with firings, one native pass (layers before the edited one run once
+and their output is reused by every condition) which also keeps native cache snapshots at the firing positions
+(only those states are materialised, from the chunked algebra; no cache is ever copied per condition); then all
+firings x conditions run as batches in which every row starts from its own snapshot (rows sit at different
+positions: the batched cache carries per-row positions and masks its attention keys) and runs only the positions
+up to where its KL is read, one position for ``kl_at="next"``.
+Every record equals what the hook path (``interventions.add_to_state`` on the whole passage) gives.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..hooking.cache import RecurrentCache
 from ..interventions import TIMING_HOOKS, atom_matrices, gaussian_rank1, mixer_hook
 from ..ops.gated_delta import recurrence
 from .records import FiringRecord, records_frame
@@ -43,18 +46,31 @@ CONDITIONS = ("atom", "delete", "random")
 
 @dataclass
 class FiringScan:
-    """SAE codes of one head's state at every position of every passage, kept sparse."""
+    """Every non-zero SAE code of one head's state, as parallel arrays sorted by (passage, position, feature)."""
 
     layer: int
     head: int
     n_passages: int
     n_pos: int
-    active: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)  # (p, t) -> (features, codes)
+    passage: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    position: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    feature: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    code: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     alive: Tensor | None = None  # [d_sae] bool: fired at least once
 
     def firings(self) -> list[tuple[int, int, int]]:
         """Every (passage, position, feature) with a non-zero code."""
-        return [(p, t, int(f)) for (p, t), (features, _) in sorted(self.active.items()) for f in features]
+        return list(zip(self.passage.tolist(), self.position.tolist(), self.feature.tolist()))
+
+    def active_at(self) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+        """(passage, position) -> (active features, their codes)."""
+        keys = self.passage * self.n_pos + self.position
+        bounds = np.flatnonzero(np.diff(keys)) + 1
+        groups = {}
+        for index in np.split(np.arange(len(keys)), bounds):
+            if len(index):
+                groups[(int(self.passage[index[0]]), int(self.position[index[0]]))] = (self.feature[index], self.code[index])
+        return groups
 
 
 def check_cell(model, sae, layer: int, head: int) -> None:
@@ -99,19 +115,21 @@ def scan_firings(model, sae, layer: int, head: int, tokens: Tensor, batch_size: 
     """Encode every position's state of (layer, head) and keep the active features (code > 0)."""
     check_cell(model, sae, layer, head)
     n_passages, n_pos = tokens.shape
-    scan = FiringScan(layer, head, n_passages, n_pos)
     alive = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    parts = []
     for start in tqdm(range(0, n_passages, batch_size), desc="scan firings", disable=not progress):
         states, _ = head_states(model, tokens[start : start + batch_size], layer, head)
         if not torch.isfinite(states).all():
             raise ValueError("non-finite recurrent states in the scanned passages")
         codes = sae.encode(states.to(sae.device, sae.dtype)).float().cpu()  # [b, p, d_sae]
-        alive |= (codes > 0).flatten(0, 1).any(0)
-        for b, t in (codes > 0).any(-1).nonzero().tolist():
-            features = (codes[b, t] > 0).nonzero().squeeze(-1)
-            scan.active[(start + b, t)] = (features, codes[b, t, features])
-    scan.alive = alive
-    return scan
+        active = codes > 0
+        alive |= active.flatten(0, 1).any(0)
+        b, t, f = active.nonzero(as_tuple=True)
+        parts.append(np.stack([(b + start).numpy(), t.numpy(), f.numpy()]).astype(np.int64))
+        parts.append(codes[b, t, f].numpy())
+    index = np.concatenate(parts[0::2], axis=1) if parts else np.zeros((3, 0), dtype=np.int64)
+    values = np.concatenate(parts[1::2]) if parts else np.zeros(0, dtype=np.float32)
+    return FiringScan(layer, head, n_passages, n_pos, index[0], index[1], index[2], values, alive)
 
 
 def select_firings(scan: FiringScan, max_per_feature: int | None = 300, max_total: int | None = None,
@@ -184,13 +202,15 @@ def replacement_test(
         if t not in positions_by_passage[p]:
             positions_by_passage[p].append(t)
 
+    active_at = scan.active_at()
     outcome: dict[tuple[int, int], dict] = {}
     bar = tqdm(total=sum(map(len, positions_by_passage.values())), desc="substitution test", disable=not progress)
     for p, positions in sorted(positions_by_passage.items()):
-        plan = _PassagePlan(model, layer, head, tokens[p : p + 1], timing, kl_at)
+        plan = _PassagePlan(model, layer, head, tokens[p : p + 1], timing, kl_at, positions)
         edits = {}
         for t in sorted(positions):
-            features, codes = scan.active[(p, t)]
+            features, codes = active_at[(p, t)]
+            features = torch.as_tensor(features)
             best = int(codes.argmax())
             atom, coefficient = int(features[best]), float(codes[best])
             native = plan.native_write(t)
@@ -230,64 +250,74 @@ def replacement_test(
 
 
 class _PassagePlan:
-    """One passage: its native pass, the residual stream entering the edited layer, and batched edited runs."""
+    """One passage: the residual stream entering the edited layer, then one pass of the later layers that gives the
+    native outputs and keeps native cache snapshots at the firings' start positions, then batched edited runs in
+    which every row starts from its own snapshot."""
 
-    def __init__(self, model, layer: int, head: int, tokens: Tensor, timing: str, kl_at: str) -> None:
+    def __init__(self, model, layer: int, head: int, tokens: Tensor, timing: str, kl_at: str, firing_positions) -> None:
         self.model, self.layer, self.head, self.timing, self.kl_at = model, layer, head, timing, kl_at
-        names = [f"blocks.{layer}.hook_resid_pre"] + [mixer_hook(layer, f"hook_{n}") for n in ("write_k", "write_v", "write_beta")]
-        logits, cache = model.run_with_cache(tokens, names_filter=names)
-        self.native_logp = F.log_softmax(logits[0].float(), dim=-1)  # [pos, d_vocab]
-        self.resid = cache[names[0]]  # [1, pos, d_model]
-        self.k, self.v, self.beta = (cache[n][0, :, head].float() for n in names[1:])
         self.n_pos = tokens.shape[1]
-        self.native_cache = model.empty_cache()
-        self.cursor = 0
+        self.resid = model(tokens, stop_at_layer=layer)  # [1, pos, d_model]: layers before `layer` run once
+        unique_starts = sorted({self.start_position(t) for t in firing_positions})
+        self.snapshot_index = {s: i for i, s in enumerate(unique_starts)}
+        self.snapshot_cache = model.empty_cache()
+        self.snapshot_cache.request_snapshots(unique_starts, range(layer, model.cfg.n_layers))
+        names = [mixer_hook(layer, f"hook_{n}") for n in ("write_k", "write_v", "write_beta")]
+        logits, cache = model.run_with_cache(self.resid, start_at_layer=layer, cache=self.snapshot_cache,
+                                             names_filter=names)
+        self.native_logp = F.log_softmax(logits[0].float(), dim=-1)  # [pos, d_vocab]
+        self.k, self.v, self.beta = (cache[n][0, :, head].float() for n in names)
 
     def native_write(self, t: int) -> Tensor:
         return self.beta[t] * torch.outer(self.k[t], self.v[t]).cpu()
 
-    def read_position(self, t: int) -> int:
-        if self.kl_at == "end":
-            return self.n_pos - 1
+    def start_position(self, t: int) -> int:
+        """The first position an edited row runs: t itself for a write edit, t + 1 for an edit after the read."""
         return t + 1 if self.timing == "after_read" else t
 
-    def advance_native_cache(self, position: int) -> None:
-        """Run the native layers >= layer over [cursor, position) so the cache holds the state before ``position``."""
-        if position > self.cursor:
-            self.model(self.resid[:, self.cursor : position], start_at_layer=self.layer, return_type=None,
-                       cache=self.native_cache)
-            self.cursor = position
+    def read_position(self, t: int) -> int:
+        return self.start_position(t) if self.kl_at == "next" else self.n_pos - 1
 
     def run(self, edits: dict[int, dict[str, Tensor]], batch_size: int, bar) -> dict[int, dict]:
+        positions = sorted(edits)
         results = {}
         per_group = max(1, batch_size // len(CONDITIONS))
-        positions = sorted(edits)
         for start in range(0, len(positions), per_group):
             group = positions[start : start + per_group]
             results.update(self._run_group(group, edits))
             bar.update(len(group))
         return results
 
-    def _run_group(self, group: list[int], edits: dict[int, dict[str, Tensor]]) -> dict[int, dict]:
-        first = group[0]
-        self.advance_native_cache(first)
-        stop = max(self.read_position(t) for t in group) + 1
+    def _run_group(self, group: list[int], edits) -> dict[int, dict]:
         rows = [(t, condition) for t in group for condition in CONDITIONS]
-        cache = self.native_cache.select([0] * len(rows))
-        resid = self.resid[:, first:stop].expand(len(rows), -1, -1)
+        starts = torch.tensor([self.start_position(t) for t, _ in rows])
+        reads = torch.tensor([self.read_position(t) for t, _ in rows])
+        span = int((reads - starts).max()) + 1
+        cache = self.snapshot_cache.rows_from_snapshots(torch.tensor([self.snapshot_index[int(s)] for s in starts]))
+        d_model = self.resid.shape[-1]
+        resid = torch.zeros(len(rows), span, d_model, dtype=self.resid.dtype, device=self.resid.device)
+        for r, s in enumerate(starts.tolist()):  # each row runs its own positions; the tail past the passage is padding
+            length = min(span, self.n_pos - s)
+            resid[r, :length] = self.resid[0, s : s + length]
         matrices = torch.stack([edits[t][condition] for t, condition in rows])  # [rows, d_k, d_v]
-        cells = torch.tensor([[r, t - first, self.head] for r, (t, _) in enumerate(rows)])
 
-        def add(x: Tensor, hook) -> Tensor:
-            sparse = torch.sparse_coo_tensor(cells.T.to(x.device), matrices.to(x.device), x.shape, check_invariants=False)
-            return x + sparse
+        if self.timing == "after_read":  # the edit is a change of the cached state: no hook needed
+            state = cache.layers[self.layer]["state"].clone()
+            state[:, self.head] += matrices.to(state)
+            cache.layers[self.layer]["state"] = state
+            hooks = []
+        else:  # the edit is part of the write at the row's first position
+            cells = torch.tensor([[r, 0, self.head] for r in range(len(rows))])
 
-        hook_name = mixer_hook(self.layer, TIMING_HOOKS[self.timing])
-        with self.model.hooks(fwd_hooks=[(hook_name, add)]):
+            def add(x: Tensor, hook) -> Tensor:
+                return x + torch.sparse_coo_tensor(cells.T.to(x.device), matrices.to(x.device), x.shape,
+                                                   check_invariants=False)
+
+            hooks = [(mixer_hook(self.layer, TIMING_HOOKS["write"]), add)]
+        with self.model.hooks(fwd_hooks=hooks):
             logits = self.model(resid, start_at_layer=self.layer, cache=cache)
-        read = torch.tensor([self.read_position(t) for t, _ in rows])
-        cond_logp = F.log_softmax(logits[torch.arange(len(rows)), read - first].float(), dim=-1).cpu()
-        native_logp = self.native_logp[read].cpu()
+        cond_logp = F.log_softmax(logits[torch.arange(len(rows)), reads - starts].float(), dim=-1).cpu()
+        native_logp = self.native_logp[reads].cpu()
         kl = (native_logp.exp() * (native_logp - cond_logp)).sum(-1)
         kl_rev = (cond_logp.exp() * (cond_logp - native_logp)).sum(-1)
         results: dict[int, dict] = {}

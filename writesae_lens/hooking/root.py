@@ -134,7 +134,7 @@ class HookedRecurrentLM(HookedRootModule):
                 raise ValueError(f"stop_at_layer={stop_at_layer} is outside [-{self.cfg.n_layers}, {self.cfg.n_layers}]")
             if cache is not None:
                 raise ValueError("stop_at_layer cannot be combined with a cache (the cache would be left half-updated)")
-        offset = cache.seq_len if cache is not None else 0
+        offset = cache.offsets() if cache is not None else 0
         if resid is None:
             resid = self.hook_embed(self.embed(tokens))  # [batch, pos, d_model]
         last = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
@@ -145,7 +145,7 @@ class HookedRecurrentLM(HookedRootModule):
         if stop_at_layer is not None:
             return resid
         if cache is not None:
-            cache.seq_len += resid.shape[1]
+            cache.advance(resid.shape[1])
         if return_type is None:
             return None
         logits = self.unembed(self.ln_final(resid))  # [batch, pos, d_vocab]

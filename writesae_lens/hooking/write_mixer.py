@@ -82,8 +82,10 @@ class MatrixWriteMixer(nn.Module):
         write_beta: Tensor,  # [batch, pos, head]
         log_decay: Tensor,  # [batch, pos, head]
         initial_state: Tensor | None,  # [batch, head, d_k, d_v]
-    ) -> tuple[Tensor, Tensor]:
-        """Apply the write hooks, run the recurrence with every edit, return (reads [b, p, h, d_v], final state)."""
+        state_positions: Tensor | None = None,  # [n_sel]
+    ):
+        """Apply the write hooks, run the recurrence with every edit, return (reads [b, p, h, d_v], final state),
+        and with ``state_positions`` also the unedited states there ``[b, n_sel, h, d_k, d_v]`` (cache snapshots)."""
         batch, n_pos, n_heads, d_k = write_k.shape
         d_v = write_v.shape[-1]
         native_k = write_k.clone() if self.hook_write_k.has_hooks() else write_k
@@ -119,6 +121,12 @@ class MatrixWriteMixer(nn.Module):
         run_base = lambda trajectory: recurrence(  # noqa: E731
             query, native_k, write_value, log_decay, erase, initial_state, return_trajectory=trajectory
         )
+        if state_positions is not None:
+            if edits is not None or want_states:
+                raise ValueError("cache snapshots are taken on an unedited pass: remove this layer's edit hooks")
+            reads, final, picked = recurrence(query, native_k, write_value, log_decay, erase, initial_state,
+                                              state_positions=state_positions)
+            return _checked(self.hook_read(reads), reads.shape, "hook_read"), final, picked
         reads, final, base_traj = run_base(want_states)
         if want_states:
             rebuild_base = lambda: run_base(True)[2]  # noqa: E731

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 DEFAULT_CHUNK_SIZE = 64
@@ -36,12 +36,23 @@ def recurrence_reference(
     erase_strength: Float[Tensor, "batch pos head"] | None = None,
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
     return_trajectory: bool = False,
+    state_positions: Int[Tensor, " n_sel"] | None = None,
 ) -> tuple[
     Float[Tensor, "batch pos head d_v"],
     Float[Tensor, "batch head d_k d_v"],
-    Float[Tensor, "batch pos head d_k d_v"] | None,
+    Float[Tensor, "batch _ head d_k d_v"] | None,
 ]:
-    """Token-by-token recurrence: returns (reads, final state, trajectory or None). Computes in fp32."""
+    """Token-by-token recurrence: returns (reads, final state, states). Computes in fp32.
+
+    The third output is the whole trajectory ``[batch, pos, head, d_k, d_v]`` (``S_t`` after the write at t) with
+    ``return_trajectory``, only the states at ``state_positions`` ``[batch, n_sel, head, d_k, d_v]`` when those are
+    given, else None.
+    """
+    if state_positions is not None:
+        reads, state, trajectory = recurrence_reference(
+            query, key, write_value, log_decay, erase_strength, initial_state, return_trajectory=True
+        )
+        return reads, state, trajectory[:, state_positions.to(trajectory.device)]
     batch, n_pos, n_heads, d_k = key.shape
     d_v = write_value.shape[-1]
     state = _initial_state(initial_state, batch, n_heads, d_k, d_v, key.device)
@@ -73,10 +84,11 @@ def recurrence_chunked(
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
     return_trajectory: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    state_positions: Int[Tensor, " n_sel"] | None = None,
 ) -> tuple[
     Float[Tensor, "batch pos head d_v"],
     Float[Tensor, "batch head d_k d_v"],
-    Float[Tensor, "batch pos head d_k d_v"] | None,
+    Float[Tensor, "batch _ head d_k d_v"] | None,
 ]:
     """Same contract as ``recurrence_reference``, computed chunk by chunk in fp32.
 
@@ -96,7 +108,8 @@ def recurrence_chunked(
     d_v = write_value.shape[-1]
     state = _initial_state(initial_state, batch, n_heads, d_k, d_v, key.device)
     if n_pos == 0:
-        return recurrence_reference(query, key, write_value, log_decay, erase_strength, state, return_trajectory)
+        return recurrence_reference(query, key, write_value, log_decay, erase_strength, state, return_trajectory,
+                                    state_positions)
 
     pad = (-n_pos) % chunk_size
     n_chunks = (n_pos + pad) // chunk_size
@@ -133,24 +146,42 @@ def recurrence_chunked(
     chunk_decay = decay_from_start[..., -1, None, None]  # [b, h, n, 1, 1]
 
     reads = torch.empty(batch, n_heads, n_chunks, chunk_size, d_v, device=key.device)
-    deltas = torch.empty_like(reads) if return_trajectory else None
+    keep = return_trajectory or state_positions is not None
+    deltas = torch.empty_like(reads) if keep else None
     start_states = []
     for c in range(n_chunks):
         delta = new_values[:, :, c]
         if state_readout is not None:
             delta = delta - state_readout[:, :, c] @ state
         reads[:, :, c] = q_decayed[:, :, c] @ state + read_weights[:, :, c] @ delta
-        if return_trajectory:
+        if keep:
             deltas[:, :, c] = delta
             start_states.append(state)
         state = state * chunk_decay[:, :, c] + k_to_end[:, :, c].transpose(-1, -2) @ delta
 
     reads = reads.reshape(batch, n_heads, -1, d_v)[:, :, :n_pos].transpose(1, 2).contiguous()
     trajectory = None
-    if return_trajectory:
+    if state_positions is not None:
+        trajectory = _states_at(torch.stack(start_states, dim=2), k, deltas, cum_log_decay, state_positions)
+    elif return_trajectory:
         trajectory = _chunk_trajectories(torch.stack(start_states, dim=2), k, deltas, cum_log_decay)
         trajectory = trajectory.reshape(batch, n_chunks * chunk_size, n_heads, d_k, d_v)[:, :n_pos]
     return reads, state, trajectory
+
+
+def _states_at(starts: Tensor, k: Tensor, deltas: Tensor, cum_log_decay: Tensor, positions: Tensor) -> Tensor:
+    """``S_p`` at a few positions only, ``[batch, n_sel, head, d_k, d_v]``: from the chunk's start state and the
+    masked sum over that chunk's first positions (cost n_sel * chunk * d_k * d_v, no trajectory)."""
+    chunk = k.shape[3]
+    positions = positions.to(k.device).long()
+    which, offset = positions // chunk, positions % chunk  # [n_sel]
+    g = cum_log_decay[:, :, which]  # [b, h, n_sel, C]
+    g_at = g.gather(-1, offset.expand(*g.shape[:2], -1)[..., None])  # [b, h, n_sel, 1]
+    upto = torch.arange(chunk, device=k.device)[None, :] <= offset[:, None]  # [n_sel, C]
+    weights = (g_at - g).masked_fill(~upto, float("-inf")).exp()  # exp(G_p - G_j) for j <= p
+    summed = (k[:, :, which] * weights[..., None]).transpose(-1, -2) @ deltas[:, :, which]  # [b, h, n_sel, d_k, d_v]
+    states = g_at.exp()[..., None] * starts[:, :, which] + summed
+    return states.transpose(1, 2)
 
 
 def _chunk_trajectories(starts: Tensor, k: Tensor, deltas: Tensor, cum_log_decay: Tensor, sub: int = 8) -> Tensor:
@@ -200,12 +231,15 @@ def recurrence(
     return_trajectory: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     step_threshold: int = 8,
+    state_positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Dispatch: the step loop for a handful of tokens (decoding), the chunked algorithm otherwise."""
     if key.shape[1] <= step_threshold:
-        return recurrence_reference(query, key, write_value, log_decay, erase_strength, initial_state, return_trajectory)
+        return recurrence_reference(query, key, write_value, log_decay, erase_strength, initial_state, return_trajectory,
+                                    state_positions)
     return recurrence_chunked(
-        query, key, write_value, log_decay, erase_strength, initial_state, return_trajectory, chunk_size
+        query, key, write_value, log_decay, erase_strength, initial_state, return_trajectory, chunk_size,
+        state_positions,
     )
 
 
