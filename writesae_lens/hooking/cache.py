@@ -20,8 +20,8 @@ class RecurrentCache:
 
     layers: list[dict[str, Tensor]] = field(default_factory=list)
     seq_len: int = 0
-    # Rows of a stacked cache may sit at different positions: then ``positions[b]`` is row b's length and attention
-    # layers keep a ``"valid"`` mask [batch, key_pos] over their right-padded keys (see ``stack``).
+    # Rows of a batched cache may sit at different positions: then ``positions[b]`` is row b's length and attention
+    # layers keep a ``"valid"`` mask [batch, key_pos] over their keys (see ``rows_from_snapshots``).
     positions: Tensor | None = None
 
     @staticmethod
@@ -37,7 +37,7 @@ class RecurrentCache:
             self.positions = self.positions + n_pos
 
     def offsets(self):
-        """The position of the next token: an int, or a [batch] tensor for a stacked cache."""
+        """The position of the next token: an int, or a [batch] tensor for a batched cache."""
         return self.seq_len if self.positions is None else self.positions
 
     def select(self, rows: Tensor | list[int]) -> "RecurrentCache":
