@@ -55,8 +55,8 @@ class WriteSAEBase:
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
         if cfg.encoder_kind == "dense":
-            filters = factored.bilinear_filter_bank(key_factors, value_factors)  # [d_in, d_sae]
-            self.W_enc_dense = nn.Parameter(filters.clone().contiguous())
+            filters = factored.bilinear_filters(key_factors, value_factors)  # [d_sae, d_in]
+            self.W_enc_dense = nn.Parameter(filters.T.contiguous())  # [d_in, d_sae]
         elif not cfg.tied:
             self.W_enc_key = nn.Parameter(key_factors.clone())
             self.W_enc_value = nn.Parameter(value_factors.clone())
@@ -78,7 +78,13 @@ class WriteSAEBase:
         """The encoder as a dense [d_in, d_sae] matrix (materialised for bilinear encoders)."""
         if self.cfg.encoder_kind == "dense":
             return self.W_enc_dense
-        return factored.bilinear_filter_bank(self.encoder_key_factors, self.encoder_value_factors)
+        return self.encoder_weight().T
+
+    def encoder_weight(self) -> Float[Tensor, "d_sae d_in"]:
+        """The encoder in nn.Linear layout: pre-activations = linear(sae_in, this, b_enc)."""
+        if self.cfg.encoder_kind == "dense":
+            return self.W_enc_dense.T
+        return factored.bilinear_filters(self.encoder_key_factors, self.encoder_value_factors)
 
     @property
     def W_dec(self) -> Float[Tensor, "d_sae d_in"]:
@@ -124,7 +130,8 @@ class WriteSAEBase:
         """Validated input -> SAELens input processing -> encoder pre-activations [..., d_sae]."""
         self._check_states(x)
         sae_in = self.process_sae_in(x)  # [..., d_in]; minus b_dec if apply_b_dec_to_input
-        return self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        hidden_pre = torch.nn.functional.linear(sae_in, self.encoder_weight(), self.b_enc)
+        return self.hook_sae_acts_pre(hidden_pre)  # [..., d_sae]
 
     # ---- decoding ---------------------------------------------------------------------------
 

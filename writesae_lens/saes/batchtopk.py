@@ -19,7 +19,7 @@ from writesae_lens.saes.jumprelu import WriteJumpReLUSAEConfig
 from writesae_lens.saes.topk import WriteTopKTrainingSAE, WriteTopKTrainingSAEConfig
 
 
-@no_type_check  # see config_fields.py: SAELens passes metadata as a dict first
+@no_type_check  # SAELens builds configs with a dict metadata; see config_fields.py
 @dataclass
 class WriteBatchTopKTrainingSAEConfig(WriteTopKTrainingSAEConfig):
     """Training config. k is the mean number of active latents per state over a batch.

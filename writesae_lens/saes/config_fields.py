@@ -20,7 +20,7 @@ B_DEC_INITS = ("mean", "zeros")
 SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in")
 
 
-@no_type_check  # SAELens passes metadata as a dict first; see the module docstring
+@no_type_check  # SAELens builds configs with a dict metadata; see the module docstring
 @dataclass(kw_only=True)
 class WriteSAEShapeFields:
     """Shape of the factored dictionary.
@@ -47,7 +47,7 @@ class WriteSAEShapeFields:
             parent_post_init()
 
 
-@no_type_check  # SAELens passes metadata as a dict first; see the module docstring
+@no_type_check  # SAELens builds configs with a dict metadata; see the module docstring
 @dataclass(kw_only=True)
 class WriteTrainingFields(WriteSAEShapeFields):
     """Training-only fields shared by the WriteSAE training configs.

@@ -38,23 +38,23 @@ def materialize_atoms(
     key_factors: Float[Tensor, "d_sae rank d_k"],
     value_factors: Float[Tensor, "d_sae rank d_v"],
 ) -> Float[Tensor, "d_sae d_k d_v"]:
-    """Every atom as a full matrix, A_i = sum_r p_{i,r} q_{i,r}^T."""
-    return torch.einsum("frk,frv->fkv", key_factors, value_factors)
+    """Every atom as a full matrix, A_i = sum_r p_{i,r} q_{i,r}^T = P_i^T Q_i (one batched GEMM)."""
+    return torch.bmm(key_factors.transpose(1, 2), value_factors)
 
 
-def bilinear_filter_bank(
+def bilinear_filters(
     key_factors: Float[Tensor, "d_sae rank d_k"],
     value_factors: Float[Tensor, "d_sae rank d_v"],
-) -> Float[Tensor, "d_in d_sae"]:
-    """The bilinear encoder as a [d_in, d_sae] matrix, one matched filter per column.
+) -> Float[Tensor, "d_sae d_in"]:
+    """The bilinear encoder as a [d_sae, d_in] weight, one flattened matched filter per row.
 
-    sum_r u_{i,r}^T X w_{i,r} = <vec(X), vec(sum_r u_{i,r} w_{i,r}^T)>, so column i is the
-    flattened filter matrix of latent i. Building the filters once per batch and applying them
-    with one matrix product costs d_sae*d_k*d_v (the same as contracting each state with the
-    factors) and runs as a single large GEMM; it is the fastest form measured on CPU.
+    sum_r u_{i,r}^T X w_{i,r} = <vec(X), vec(sum_r u_{i,r} w_{i,r}^T)>, so applying the encoder is
+    `linear(vec(X), filters)`. Building the filters once per batch costs d_sae*d_k*d_v, the same as
+    contracting one state with the factors, and the encoder then runs as one large GEMM; with
+    batched-GEMM filters (whose backward is also a batched GEMM) this was the fastest form
+    measured on CPU, 2-5x faster than contracting each state with the factors.
     """
-    filters = torch.einsum("frk,frv->kvf", key_factors, value_factors)  # [d_k, d_v, d_sae]
-    return filters.flatten(0, 1)  # contiguous [d_in, d_sae]: the GEMM needs no transposed view
+    return materialize_atoms(key_factors, value_factors).flatten(1, 2)
 
 
 def atom_frobenius_norms(

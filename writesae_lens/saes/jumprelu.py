@@ -42,7 +42,7 @@ def _fold_decoder_norms_with_threshold(sae: Any) -> None:
     sae.threshold.data.mul_(norms)
 
 
-@no_type_check  # see config_fields.py: SAELens passes metadata as a dict first
+@no_type_check  # SAELens builds configs with a dict metadata; see config_fields.py
 @dataclass
 class WriteJumpReLUSAEConfig(WriteSAEShapeFields, SAEConfig):
     """Inference config (the shared WriteSAE fields only)."""
@@ -73,7 +73,7 @@ class WriteJumpReLUSAE(WriteSAEBase, SAE[WriteJumpReLUSAEConfig]):
         _fold_decoder_norms_with_threshold(self)
 
 
-@no_type_check  # see config_fields.py: SAELens passes metadata as a dict first
+@no_type_check  # SAELens builds configs with a dict metadata; see config_fields.py
 @dataclass
 class WriteJumpReLUTrainingSAEConfig(WriteTrainingFields, TrainingSAEConfig):
     """Training config (L = MSE + l0_coefficient * mean_batch sum_i H(z_i - threshold_i)).

@@ -23,11 +23,13 @@ def draw_states_by_error(
 
     Falls back to uniform draws when the errors sum to zero or are not finite.
     """
-    weights = squared_errors.detach().double().clamp(min=0.0)
+    generator_device = generator.device if generator is not None else torch.device("cpu")
+    weights = squared_errors.detach().double().clamp(min=0.0).to(generator_device)
     total = weights.sum()
     if not torch.isfinite(total) or total <= 0:
         weights = torch.ones_like(weights)
-    return torch.multinomial(weights, n_draws, replacement=True, generator=generator)
+    drawn = torch.multinomial(weights, n_draws, replacement=True, generator=generator)
+    return drawn.to(squared_errors.device)
 
 
 def leading_singular_factors(

@@ -6,6 +6,7 @@ Architecture name "write_topk" (inference and training registries).
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import no_type_check
+
 from jaxtyping import Float
 from sae_lens.saes.sae import (
     SAE,
@@ -25,7 +26,7 @@ from writesae_lens.saes.training import WriteTrainingSAEBase
 DEFAULT_K = 32  # the paper's k
 
 
-@no_type_check  # see config_fields.py: SAELens passes metadata as a dict first
+@no_type_check  # SAELens builds configs with a dict metadata; see config_fields.py
 @dataclass
 class WriteTopKSAEConfig(WriteSAEShapeFields, SAEConfig):
     """Inference config. Adds k (active latents per state) to the shared WriteSAE fields."""
@@ -54,7 +55,7 @@ class WriteTopKSAE(WriteSAEBase, SAE[WriteTopKSAEConfig]):
         _refuse_decoder_norm_fold()
 
 
-@no_type_check  # see config_fields.py: SAELens passes metadata as a dict first
+@no_type_check  # SAELens builds configs with a dict metadata; see config_fields.py
 @dataclass
 class WriteTopKTrainingSAEConfig(WriteTrainingFields, TrainingSAEConfig):
     """Training config.
