@@ -1,0 +1,82 @@
+"""A WriteSAE trained by SAELens' own runner on one head of ``hook_state`` of the shipped Qwen3.5 model."""
+
+import datasets
+import pytest
+import torch
+from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+
+import writesae_lens.saes as ws
+from writesae_lens.adapters.qwen35 import HookedQwen35
+from writesae_lens.data import load_heldout_documents, pretrained_path
+from writesae_lens.evaluation.sae_evals import evaluate_state_sae
+
+LAYER, HEAD, CONTEXT = 1, 1, 64
+HOOK = f"blocks.{LAYER}.mixer.hook_state"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HookedQwen35.from_pretrained(pretrained_path("qwen35-tiny"))
+
+
+@pytest.fixture(scope="module")
+def documents():
+    return load_heldout_documents()
+
+
+def heldout_states(model, documents):
+    tokens = torch.stack([model.to_tokens(doc, prepend_bos=False)[0, :CONTEXT] for doc in documents[-24:]])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=HOOK)
+    return tokens, cache[HOOK][:, :, HEAD].flatten(0, 1)
+
+
+def explained_variance(sae, states):
+    with torch.no_grad():
+        recon = sae.decode(sae.encode(states))
+    return float(1 - (states - recon).pow(2).sum() / (states - states.mean(0)).pow(2).sum())
+
+
+def test_runner_trains_saves_loads_and_evaluates(model, documents, tmp_path):
+    torch.set_num_threads(1)
+    cfg = model.cfg
+    sae_cfg = ws.WriteTopKTrainingSAEConfig(d_in=cfg.d_k * cfg.d_v, d_sae=256, d_k=cfg.d_k, d_v=cfg.d_v, k=8)
+    runner_cfg = LanguageModelSAERunnerConfig(
+        sae=sae_cfg, model_name="qwen35-tiny", hook_name=HOOK, hook_head_index=HEAD,
+        dataset_path="local-heldout", is_dataset_tokenized=False, streaming=False, context_size=CONTEXT,
+        training_tokens=CONTEXT * 16 * 200, train_batch_size_tokens=CONTEXT * 16, n_batches_in_buffer=16,
+        store_batch_size_prompts=8, prepend_bos=False, device="cpu", lr=3e-3, dead_feature_window=100,
+        feature_sampling_window=200, logger=LoggingConfig(log_to_wandb=False), output_path=str(tmp_path / "sae"),
+        verbose=False, seed=0,
+    )
+    dataset = datasets.Dataset.from_dict({"text": documents[:-24]})
+    tokens, states = heldout_states(model, documents)
+
+    untrained = ws.WriteTopKTrainingSAE(sae_cfg)
+    with torch.no_grad():
+        untrained.b_dec.copy_(states.mean(0))  # the same mean initialisation, so only training differs
+    before = explained_variance(untrained, states)
+
+    sae = LanguageModelSAETrainingRunner(runner_cfg, override_model=model, override_dataset=dataset).run()
+    after = explained_variance(sae, states)
+    assert after > before + 0.2 and after > 0.5, (before, after)
+
+    loaded = SAE.load_from_disk(tmp_path / "sae")
+    assert isinstance(loaded, ws.WriteTopKSAE)
+    assert loaded.cfg.metadata.hook_name == HOOK and loaded.cfg.metadata.hook_head_index == HEAD
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(loaded.encode(states)), sae.decode(sae.encode(states)))
+
+    metrics = evaluate_state_sae(model, loaded, tokens)
+    assert abs(metrics["explained_variance"] - after) < 0.05
+    assert 0 < metrics["l0"] <= 8
+    assert metrics["ce_loss_clean"] <= metrics["ce_loss_zero"] + 1e-6
+    assert metrics["kl_div_spliced"] < metrics["kl_div_zero"]
+    assert all(v == v for v in metrics.values())  # no NaN
+
+
+def test_evaluation_rejects_an_sae_without_a_state_hook(model):
+    cfg = model.cfg
+    sae = ws.WriteTopKSAE(ws.WriteTopKSAEConfig(d_in=cfg.d_k * cfg.d_v, d_sae=8, d_k=cfg.d_k, d_v=cfg.d_v, k=2))
+    with pytest.raises(ValueError, match="does not name a recurrent-state hook"):
+        evaluate_state_sae(model, sae, torch.zeros(1, 4, dtype=torch.long))
