@@ -6,7 +6,12 @@ that name). Families are imported lazily so that importing one does not import t
 
 from importlib import import_module
 
-_FAMILIES = {"HookedQwen35": ".qwen35", "HookedQwen35Config": ".qwen35"}
+_FAMILIES = {
+    "HookedQwen35": ".qwen35",
+    "HookedQwen35Config": ".qwen35",
+    "HookedMamba2": ".mamba2",
+    "HookedMamba2Config": ".mamba2",
+}
 
 __all__ = sorted(_FAMILIES)
 

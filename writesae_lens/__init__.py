@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "HookedQwen35": "writesae_lens.adapters.qwen35",
     "HookedQwen35Config": "writesae_lens.adapters.qwen35",
+    "HookedMamba2": "writesae_lens.adapters.mamba2",
+    "HookedMamba2Config": "writesae_lens.adapters.mamba2",
     "RecurrentCache": "writesae_lens.hooking.cache",
 }
 

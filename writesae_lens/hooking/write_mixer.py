@@ -91,11 +91,11 @@ class MatrixWriteMixer(nn.Module):
         native_k = write_k.clone() if self.hook_write_k.has_hooks() else write_k
         native_beta = write_beta.clone() if self.hook_write_beta.has_hooks() else write_beta
 
-        key = _checked(self.hook_write_k(write_k), write_k.shape, "hook_write_k")
-        value = _checked(self.hook_write_v(write_v), write_v.shape, "hook_write_v")
-        beta = _checked(self.hook_write_beta(write_beta), write_beta.shape, "hook_write_beta")
-        log_decay = _checked(self.hook_decay(log_decay), log_decay.shape, "hook_decay")
-        query = _checked(self.hook_read_q(read_q), read_q.shape, "hook_read_q")
+        key = _hooked(self.hook_write_k, write_k)
+        value = _hooked(self.hook_write_v, write_v)
+        beta = _hooked(self.hook_write_beta, write_beta)
+        log_decay = _hooked(self.hook_decay, log_decay)
+        query = _hooked(self.hook_read_q, read_q)
         erase = native_beta if self.delta_rule else None
 
         # The write k u^T with u = beta v. Where the key itself was edited the write leaves the key of the
@@ -126,7 +126,7 @@ class MatrixWriteMixer(nn.Module):
                 raise ValueError("cache snapshots are taken on an unedited pass: remove this layer's edit hooks")
             reads, final, picked = recurrence(query, native_k, write_value, log_decay, erase, initial_state,
                                               state_positions=state_positions)
-            return _checked(self.hook_read(reads), reads.shape, "hook_read"), final, picked
+            return _hooked(self.hook_read, reads), final, picked
         reads, final, base_traj = run_base(want_states)
         if want_states:
             rebuild_base = lambda: run_base(True)[2]  # noqa: E731
@@ -135,7 +135,7 @@ class MatrixWriteMixer(nn.Module):
             read_delta, final_delta, _ = propagate_edits(query, native_k, log_decay, erase, edits)
             reads = reads + read_delta
             final = final + final_delta
-        reads = _checked(self.hook_read(reads), reads.shape, "hook_read")
+        reads = _hooked(self.hook_read, reads)
         return reads, final
 
     def _apply_state_hook(self, query, key, log_decay, erase, edits, base_traj, rebuild_base) -> StateEdits | None:
@@ -161,7 +161,7 @@ class MatrixWriteMixer(nn.Module):
         edited_in_place = version is not None and flat._version != version
         if hooked is flat and version is not None and not edited_in_place:
             return edits  # nobody edited the states
-        hooked = _checked(hooked, flat.shape, "hook_state").reshape(batch, n_pos, n_heads, d_k, d_v).float()
+        hooked = _checked_shape(hooked, flat.shape, "hook_state").reshape(batch, n_pos, n_heads, d_k, d_v).float()
         if edited_in_place:  # the shown tensor was overwritten: rebuild it
             if correction is None:
                 base_traj = shown = rebuild_base()
@@ -171,17 +171,28 @@ class MatrixWriteMixer(nn.Module):
         if not bool(changed.any()):
             return edits
         b, p, h = changed.nonzero(as_tuple=True)
+        if not torch.isfinite(hooked[b, p, h]).all():
+            raise ValueError("a hook on hook_state returned non-finite values")
         # The edited state at a replaced cell is S' = base + correction, so the correction there becomes S' - base.
         assigns = StateEdits.build(b, p, h, hooked[b, p, h] - base_traj[b, p, h], assign=True)
         return StateEdits.concat(edits, assigns)
 
 
-def _checked(tensor: Tensor, shape: torch.Size, name: str) -> Tensor:
+def _hooked(hook_point: HookPoint, tensor: Tensor) -> Tensor:
+    """Run a hook point; when hooks are attached, check that they kept the shape and returned finite values."""
+    out = hook_point(tensor)
+    if not hook_point.has_hooks():
+        return out
+    out = _checked_shape(out, tensor.shape, hook_point.name)
+    if not torch.isfinite(out).all():
+        raise ValueError(f"a hook on {hook_point.name} returned non-finite values")
+    return out
+
+
+def _checked_shape(tensor: Tensor, shape: torch.Size, name: str) -> Tensor:
     if not isinstance(tensor, Tensor) or tuple(tensor.shape) != tuple(shape):
         got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
         raise ValueError(f"a hook on {name} returned {got}; it must keep the shape {tuple(shape)}")
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"a hook on {name} returned non-finite values")
     return tensor
 
 

@@ -1,0 +1,142 @@
+"""The Mamba-2 mixer (``blocks.{l}.mixer``) and the block that holds it.
+
+Per layer, as transformers' ``Mamba2Mixer`` computes it (its pure-torch path):
+
+    z | xBC | dt = in_proj(h)
+    x | B | C = SiLU(causal depthwise conv(xBC) + conv bias)    B, C: one per group, shared by n_heads / n_groups heads
+    dt_t = clamp(softplus(dt + dt_bias), *time_step_limit);  A = -exp(A_log)   (one scalar per head)
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T          (transformers' state, [head_dim, d_state] per head)
+    y_t = h_t C_t + D x_t
+    out = out_proj(GroupRMSNorm(y * SiLU(z)) * w)       the norm runs over n_groups groups of d_inner / n_groups
+
+The library keeps the state key side first, ``S = h^T`` of shape ``[d_state, head_dim] = [d_k, d_v]``, so the
+recurrence is the write interface's with no erase term:
+
+    S_t = exp(decay_t) S_{t-1} + beta_t k_t v_t^T,   k = B, v = x, beta = dt, decay = dt A;   read_t = S_t^T C_t
+
+and ``y = read + skip`` with ``skip = D x``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from writesae_lens.hooking.components import RMSNorm
+from writesae_lens.hooking.write_mixer import MatrixWriteMixer
+
+from .config import HookedMamba2Config
+
+
+def causal_conv(
+    projected: Float[Tensor, "batch pos channels"],
+    weight: Float[Tensor, "channels 1 kernel"],
+    bias: Float[Tensor, " channels"] | None,
+    layer_cache: dict | None,
+) -> Float[Tensor, "batch pos channels"]:
+    """Depthwise causal conv + SiLU. The last ``kernel - 1`` inputs are carried in ``layer_cache["conv"]``
+    ([batch, channels, kernel - 1]); the cache entry is replaced, never written in place."""
+    batch, _, channels = projected.shape
+    history_len = weight.shape[-1] - 1
+    history = layer_cache.get("conv") if layer_cache is not None else None
+    if history is None:
+        history = projected.new_zeros(batch, channels, history_len)
+    full = torch.cat([history.to(projected.dtype), projected.transpose(1, 2)], dim=-1)  # [batch, channels, K-1+pos]
+    if layer_cache is not None:
+        layer_cache["conv"] = full[..., full.shape[-1] - history_len :]
+    return F.silu(F.conv1d(full, weight, bias, groups=channels)).transpose(1, 2)
+
+
+class Mamba2Mixer(MatrixWriteMixer):
+    """The write interface of ``MatrixWriteMixer`` (k = B, v = x, beta = dt, decay = dt A, q = C) plus:
+
+    ``hook_skip`` [batch, pos, head, d_v] = D x_t (computed from the model's own x_t, so write edits leave it);
+    ``hook_ssm_out`` [batch, pos, head, d_v] = read + skip (y, the input of the gated norm);
+    ``hook_gate`` [batch, pos, head, d_v] = z.
+    """
+
+    delta_rule = False
+
+    def __init__(self, cfg: HookedMamba2Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.in_proj = nn.Linear(cfg.d_model, cfg.d_inner + cfg.conv_dim + cfg.n_heads, bias=cfg.use_bias)
+        self.conv1d = nn.Conv1d(
+            cfg.conv_dim, cfg.conv_dim, cfg.conv_kernel, groups=cfg.conv_dim, bias=cfg.use_conv_bias
+        )
+        self.dt_bias = nn.Parameter(torch.ones(cfg.n_heads))
+        self.A_log = nn.Parameter(torch.zeros(cfg.n_heads))
+        self.D = nn.Parameter(torch.ones(cfg.n_heads))
+        self.norm_w = nn.Parameter(torch.ones(cfg.d_inner))
+        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.use_bias)
+        self.hook_skip = HookPoint()  # [batch, pos, head, d_v]
+        self.hook_ssm_out = HookPoint()  # [batch, pos, head, d_v]
+        self.hook_gate = HookPoint()  # [batch, pos, head, d_v]
+
+    def forward(self, h: Tensor, layer_cache: dict | None) -> Tensor:
+        cfg = self.cfg
+        batch, n_pos, _ = h.shape
+        z, xbc, dt = self.in_proj(h).split([cfg.d_inner, cfg.conv_dim, cfg.n_heads], dim=-1)
+        xbc = causal_conv(xbc, self.conv1d.weight, self.conv1d.bias, layer_cache)  # [batch, pos, conv_dim]
+        x, B, C = xbc.split([cfg.d_inner, cfg.n_groups * cfg.d_k, cfg.n_groups * cfg.d_k], dim=-1)
+        x = x.reshape(batch, n_pos, cfg.n_heads, cfg.d_v).float()  # [batch, pos, head, d_v]
+        heads_per_group = cfg.n_heads // cfg.n_groups
+        B = B.reshape(batch, n_pos, cfg.n_groups, cfg.d_k).float().repeat_interleave(heads_per_group, dim=2)
+        C = C.reshape(batch, n_pos, cfg.n_groups, cfg.d_k).float().repeat_interleave(heads_per_group, dim=2)
+        low, high = cfg.time_step_limit
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=low, max=high)  # [batch, pos, head]
+        log_decay = dt * -self.A_log.float().exp()  # dt A: [batch, pos, head]
+
+        skip = self.D.float()[:, None] * x  # before the write hooks, which may edit x in place: [batch, pos, head, d_v]
+
+        initial = layer_cache.get("state") if layer_cache is not None else None
+        reads, final_state = self.run_recurrence(C, B, x, dt, log_decay, initial)  # reads [batch, pos, head, d_v]
+        if layer_cache is not None:
+            layer_cache["state"] = final_state  # [batch, head, d_k, d_v]
+
+        skip = _shape_kept(self.hook_skip, skip)
+        y = _shape_kept(self.hook_ssm_out, reads + skip)
+        z = _shape_kept(self.hook_gate, z.reshape(batch, n_pos, cfg.n_heads, cfg.d_v))
+        return self.out_proj(self._gated_norm(y, z).to(h.dtype))
+
+    def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
+        """``y * SiLU(z)``, RMS-normalised over each of the n_groups groups of channels, times the weight (fp32)."""
+        batch, n_pos = y.shape[:2]
+        gated = (y.float() * F.silu(z.float())).reshape(batch, n_pos, self.cfg.n_groups, -1)
+        normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.cfg.eps)
+        return self.norm_w.float() * normed.reshape(batch, n_pos, self.cfg.d_inner)
+
+
+def _shape_kept(hook: HookPoint, tensor: Tensor) -> Tensor:
+    """Run a hook point; a hook that changes the shape gets an error instead of a silent broadcast."""
+    out = hook(tensor)
+    if out is not tensor and (not isinstance(out, Tensor) or out.shape != tensor.shape):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"a hook on {hook.name} returned {got}; it must keep the shape {tuple(tensor.shape)}")
+    return out
+
+
+class Mamba2Block(nn.Module):
+    """Hooks: ``hook_resid_pre``, ``hook_mixer_out``, ``hook_resid_post``: all [batch, pos, d_model], with
+    ``resid_post = resid_pre + mixer_out`` (no MLP). With ``residual_in_fp32`` the residual stream is added in fp32,
+    as transformers does; the norm and the mixer run in the weights' dtype."""
+
+    def __init__(self, cfg: HookedMamba2Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.residual_in_fp32 = cfg.residual_in_fp32
+        self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
+        self.mixer = Mamba2Mixer(cfg)
+        self.hook_resid_pre = HookPoint()
+        self.hook_mixer_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, resid: Tensor, layer_cache: dict | None, pos_offset: int) -> Tensor:
+        resid = self.hook_resid_pre(resid)
+        mixed = self.hook_mixer_out(self.mixer(self.ln1(resid.to(self.ln1.w.dtype)), layer_cache))
+        if self.residual_in_fp32:
+            resid = resid.float()
+        return self.hook_resid_post(resid + mixed)
