@@ -1,7 +1,6 @@
 """Tiny random Mamba-2 checkpoints for the tests: built with transformers, saved with save_pretrained.
 
-The fixtures live here (not in conftest.py) and are imported by the ``test_mamba2_*`` modules; a process-wide memo
-builds each checkpoint once per test session even though each module gets its own fixture instance.
+The session fixtures that use these builders are in conftest.py.
 """
 
 from __future__ import annotations
@@ -9,8 +8,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
+
+from qwen35_factory import randomise as randomise_parameters
 
 # Named configurations. d_state != head_dim shows axis mistakes; several heads per group show broadcasting mistakes.
 CONFIGS = {
@@ -31,7 +31,6 @@ CONFIGS = {
     ),
 }
 VOCAB = 101
-_BUILT: dict[str, Path] = {}
 
 
 def hf_config(name: str, vocab_size: int = VOCAB):
@@ -42,21 +41,8 @@ def hf_config(name: str, vocab_size: int = VOCAB):
 
 
 def randomise(model, seed: int) -> None:
-    """Move every parameter off its structured init (norm weights 1, D 1, conv bias 0, ...) so that no term hides."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.rand(p.shape, generator=generator) * 1.5 + 0.05))  # A in [-1.55, -0.05]
-            elif "norm" in name:
-                p.copy_(1.0 + 0.3 * noise)
-            elif p.dim() == 2 and "embed" not in name:
-                p.copy_(noise * p.shape[1] ** -0.5)  # unit-scale activations: every path matters to the output
-            elif p.dim() == 3:  # depthwise conv kernels
-                p.copy_(noise * 0.5)
-            else:  # dt_bias, D, biases, embeddings
-                p.copy_(noise)
+    """Every parameter off its structured init (plain norms centred on 1, A = exp(A_log) in [0.05, 1.55])."""
+    randomise_parameters(model, seed, norm_offset=1.0, decay_rate_range=(0.05, 1.55))
 
 
 def build_checkpoint(name: str, folder: Path, seed: int = 0, vocab_size: int = VOCAB) -> Path:
@@ -76,23 +62,3 @@ def build_checkpoint_with_tokenizer(folder: Path, seed: int = 0) -> Path:
     for file in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / file, folder / file)
     return folder
-
-
-@pytest.fixture(scope="session")
-def mamba2_folders(tmp_path_factory) -> dict[str, Path]:
-    """One saved tiny random checkpoint per named configuration."""
-    for i, name in enumerate(CONFIGS):
-        if name not in _BUILT:
-            _BUILT[name] = build_checkpoint(name, tmp_path_factory.mktemp("mamba2") / name, seed=i)
-    return dict(_BUILT)
-
-
-@pytest.fixture(scope="session")
-def mamba2_pair(mamba2_folders):
-    """(transformers model, HookedMamba2) on the grouped, non-square weights."""
-    from transformers import Mamba2ForCausalLM
-
-    from writesae_lens.adapters.mamba2 import HookedMamba2
-
-    folder = mamba2_folders["grouped_nonsquare"]
-    return Mamba2ForCausalLM.from_pretrained(folder).eval(), HookedMamba2.from_pretrained(folder).eval()

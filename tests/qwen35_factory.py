@@ -34,23 +34,26 @@ def text_config(name: str, vocab_size: int = 101):
     )
 
 
-def randomise(model, seed: int) -> None:
-    """Move every parameter off its structured init (norm weights 0/1, dt_bias 1, ...) so that no term hides."""
+def randomise(model, seed: int, norm_offset: float = 0.0, decay_rate_range: tuple[float, float] = (0.2, 4.2)) -> None:
+    """Move every parameter off its structured init (norm weights 0/1, dt_bias 1, ...) so that no term hides.
+
+    ``norm_offset``: the centre of norm weights (0 for zero-centred norms, 1 for plain ones); ``A = exp(A_log)`` is
+    drawn uniformly in ``decay_rate_range``.
+    """
     generator = torch.Generator().manual_seed(seed)
+    low, high = decay_rate_range
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=generator)
             if name.endswith("A_log"):
-                p.copy_(torch.log(torch.rand(p.shape, generator=generator) * 4 + 0.2))
+                p.copy_(torch.log(torch.rand(p.shape, generator=generator) * (high - low) + low))
             elif "norm" in name:
-                p.copy_(0.3 * noise)
-            elif name.endswith("dt_bias"):
-                p.copy_(noise)
+                p.copy_(norm_offset + 0.3 * noise)
             elif p.dim() == 2 and "embed" not in name:
                 p.copy_(noise * p.shape[1] ** -0.5)  # unit-scale activations: every path matters to the output
             elif p.dim() == 3:  # depthwise conv kernels
                 p.copy_(noise * 0.5)
-            else:
+            else:  # dt_bias, D, biases, embeddings
                 p.copy_(noise)
 
 

@@ -4,7 +4,6 @@
 import pytest
 import torch
 
-from mamba2_factory import mamba2_folders, mamba2_pair  # noqa: F401
 from naive_recurrence import naive_edited_layer
 
 LAYER = 1

@@ -6,7 +6,6 @@ import re
 import pytest
 import torch
 
-from mamba2_factory import mamba2_folders, mamba2_pair  # noqa: F401
 from writesae_lens.adapters.mamba2 import HookedMamba2
 
 LAYER = 1

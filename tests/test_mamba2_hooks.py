@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 import writesae_lens.hooking.write_mixer as write_mixer
-from mamba2_factory import mamba2_folders, mamba2_pair  # noqa: F401
 
 LAYER = 1
 FACTORS = ("hook_write_k", "hook_write_v", "hook_write_beta", "hook_decay", "hook_read_q")

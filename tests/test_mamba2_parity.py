@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Mamba2ForCausalLM
 
-from mamba2_factory import CONFIGS, build_checkpoint_with_tokenizer, mamba2_folders, mamba2_pair  # noqa: F401
+from mamba2_factory import CONFIGS, build_checkpoint_with_tokenizer
 from writesae_lens.adapters.mamba2 import HookedMamba2
 
 TOL = 1e-4

@@ -21,33 +21,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from writesae_lens.hooking.components import RMSNorm
+from writesae_lens.hooking.conv import causal_conv
 from writesae_lens.hooking.write_mixer import MatrixWriteMixer
 
 from .config import HookedMamba2Config
-
-
-def causal_conv(
-    projected: Float[Tensor, "batch pos channels"],
-    weight: Float[Tensor, "channels 1 kernel"],
-    bias: Float[Tensor, " channels"] | None,
-    layer_cache: dict | None,
-) -> Float[Tensor, "batch pos channels"]:
-    """Depthwise causal conv + SiLU. The last ``kernel - 1`` inputs are carried in ``layer_cache["conv"]``
-    ([batch, channels, kernel - 1]); the cache entry is replaced, never written in place."""
-    batch, _, channels = projected.shape
-    history_len = weight.shape[-1] - 1
-    history = layer_cache.get("conv") if layer_cache is not None else None
-    if history is None:
-        history = projected.new_zeros(batch, channels, history_len)
-    full = torch.cat([history.to(projected.dtype), projected.transpose(1, 2)], dim=-1)  # [batch, channels, K-1+pos]
-    if layer_cache is not None:
-        layer_cache["conv"] = full[..., full.shape[-1] - history_len :]
-    return F.silu(F.conv1d(full, weight, bias, groups=channels)).transpose(1, 2)
 
 
 class Mamba2Mixer(MatrixWriteMixer):
@@ -92,10 +73,7 @@ class Mamba2Mixer(MatrixWriteMixer):
 
         skip = self.D.float()[:, None] * x  # before the write hooks, which may edit x in place: [batch, pos, head, d_v]
 
-        initial = layer_cache.get("state") if layer_cache is not None else None
-        reads, final_state = self.run_recurrence(C, B, x, dt, log_decay, initial)  # reads [batch, pos, head, d_v]
-        if layer_cache is not None:
-            layer_cache["state"] = final_state  # [batch, head, d_k, d_v]
+        reads = self.recur_with_cache(C, B, x, dt, log_decay, layer_cache)  # reads [batch, pos, head, d_v]
 
         skip = _shape_kept(self.hook_skip, skip)
         y = _shape_kept(self.hook_ssm_out, reads + skip)

@@ -23,7 +23,9 @@ from writesae_lens.hooking.root import HookedRecurrentLM
 
 from .config import HookedMamba2Config, check_model_type
 from .layers import Mamba2Block
-from .weights import convert_state_dict, load_checkpoint_tensors
+from writesae_lens.hooking.loading import convert_state_dict, load_checkpoint_tensors, resolve_folder, try_load_tokenizer
+
+from .weights import our_name
 
 
 class _Unembed(Unembed):
@@ -65,12 +67,12 @@ class HookedMamba2(HookedRecurrentLM):
         """
         from transformers import AutoConfig
 
-        folder = _resolve_folder(name_or_path)
+        folder = resolve_folder(name_or_path)
         _check_config_file(folder)
         hf_config = AutoConfig.from_pretrained(folder)
         check_model_type(hf_config)
         if tokenizer is None and load_tokenizer:
-            tokenizer = _try_load_tokenizer(folder)
+            tokenizer = try_load_tokenizer(folder)
         model = cls._from_config_and_weights(hf_config, load_checkpoint_tensors(folder), device, dtype, tokenizer)
         model.cfg.model_name = str(name_or_path)
         return model
@@ -91,7 +93,7 @@ class HookedMamba2(HookedRecurrentLM):
             cfg.default_prepend_bos = _tokenizer_adds_bos(tokenizer)
         with torch.device("meta"):
             model = cls(cfg, tokenizer)
-        weights = convert_state_dict(hf_state, model.state_dict(), cfg.tie_word_embeddings)
+        weights = convert_state_dict(hf_state, model.state_dict(), our_name, cfg.tie_word_embeddings, "Mamba-2")
         model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
         return model.to(device)
 
@@ -117,25 +119,3 @@ def _check_config_file(folder: Path) -> None:
             "(model_type 'mamba2'); original mamba_ssm checkpoints must be converted to that format first"
         )
 
-
-def _resolve_folder(name_or_path) -> Path:
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{path} is a file; pass the checkpoint folder (holding config.json and the weights)")
-    if str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/", "~")):
-        raise FileNotFoundError(
-            f"no checkpoint folder at {name_or_path!r}, and it is not a hub id of the form 'org/name'"
-        )
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-
-
-def _try_load_tokenizer(folder: Path):
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)

@@ -7,11 +7,7 @@ are errors listing them. ``lm_head.weight`` may be absent when the embeddings ar
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
-import torch
-from torch import Tensor
+from writesae_lens.hooking.loading import rename_with_table
 
 _LAYER = r"backbone\.layers\.(?P<l>\d+)"
 # (transformers key pattern, our parameter name); named groups fill the placeholders.
@@ -26,61 +22,4 @@ RENAMES: list[tuple[str, str]] = [
 ]
 
 
-def our_name(hf_key: str) -> str:
-    """Our parameter name for a transformers key; KeyError if no rule matches."""
-    for pattern, target in RENAMES:
-        match = re.fullmatch(pattern, hf_key)
-        if match:
-            return target.format(**match.groupdict())
-    raise KeyError(hf_key)
-
-
-def convert_state_dict(hf_state: dict[str, Tensor], expected: dict[str, Tensor], tie_word_embeddings: bool) -> dict:
-    """Rename and shape-check ``hf_state`` against our model's ``expected`` state dict."""
-    converted, unexpected, bad_shapes = {}, [], []
-    for key, tensor in hf_state.items():
-        try:
-            name = our_name(key)
-        except KeyError:
-            unexpected.append(key)
-            continue
-        if name not in expected:
-            unexpected.append(key)
-            continue
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            bad_shapes.append(f"{key} -> {name}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[name].shape)}")
-            continue
-        converted[name] = tensor
-    if "unembed.weight" not in converted and tie_word_embeddings and "embed.W_E" in converted:
-        converted["unembed.weight"] = converted["embed.W_E"]
-    missing = sorted(set(expected) - set(converted))
-    problems = []
-    if unexpected:
-        problems.append(f"unexpected checkpoint keys: {sorted(unexpected)}")
-    if missing:
-        problems.append(f"model parameters missing from the checkpoint: {missing}")
-    if bad_shapes:
-        problems.append("shape mismatches: " + "; ".join(bad_shapes))
-    if problems:
-        raise ValueError("cannot load this Mamba-2 checkpoint:\n  " + "\n  ".join(problems))
-    return converted
-
-
-def load_checkpoint_tensors(folder: Path) -> dict[str, Tensor]:
-    """All tensors of a transformers checkpoint folder (``*.safetensors``, or ``pytorch_model*.bin``)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        tensors = {}
-        for file in files:
-            tensors.update(load_file(str(file)))
-        return tensors
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    if bins:
-        tensors = {}
-        for file in bins:
-            tensors.update(torch.load(file, map_location="cpu", weights_only=True))
-        return tensors
-    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+our_name = rename_with_table(RENAMES)

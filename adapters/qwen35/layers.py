@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from writesae_lens.hooking.components import GatedMLP, RMSNorm
+from writesae_lens.hooking.conv import causal_conv
 from writesae_lens.hooking.write_mixer import MatrixWriteMixer
 
 from .config import ATTENTION, HookedQwen35Config
@@ -53,7 +54,7 @@ class GatedDeltaNet(MatrixWriteMixer):
     def forward(self, x: Tensor, layer_cache: dict | None) -> Tensor:
         cfg = self.cfg
         batch, n_pos, _ = x.shape
-        mixed = self._causal_conv(self.in_proj_qkv(x), layer_cache)  # [batch, pos, conv_dim]
+        mixed = causal_conv(self.in_proj_qkv(x), self.conv1d.weight, None, layer_cache)  # [batch, pos, conv_dim]
         q, k, v = mixed.split([cfg.n_key_heads * cfg.d_k, cfg.n_key_heads * cfg.d_k, cfg.n_heads * cfg.d_v], dim=-1)
         repeat = cfg.n_heads // cfg.n_key_heads
         q = q.reshape(batch, n_pos, cfg.n_key_heads, cfg.d_k).repeat_interleave(repeat, dim=2).float()
@@ -64,39 +65,10 @@ class GatedDeltaNet(MatrixWriteMixer):
         beta = torch.sigmoid(self.in_proj_b(x)).float()  # [batch, pos, head]
         log_decay = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
 
-        initial = layer_cache.get("state") if layer_cache is not None else None
-        snapshot_at = layer_cache.get("snapshot_at") if layer_cache is not None else None
-        if snapshot_at is None:
-            reads, final_state = self.run_recurrence(q, k, v, beta, log_decay, initial)
-        else:  # keep the states after the first s tokens of this call (s = 0: the initial state)
-            reads, final_state, picked = self.run_recurrence(q, k, v, beta, log_decay, initial,
-                                                             (snapshot_at - 1).clamp(min=0))
-            if initial is None:
-                initial = picked.new_zeros(batch, cfg.n_heads, cfg.d_k, cfg.d_v)
-            picked = torch.where((snapshot_at == 0).to(picked.device)[None, :, None, None, None], initial[:, None], picked)
-            layer_cache["snapshots"]["state"] = picked
-        if layer_cache is not None:
-            layer_cache["state"] = final_state
+        reads = self.recur_with_cache(q, k, v, beta, log_decay, layer_cache)  # [batch, pos, head, d_v]
 
         z = self.hook_gate(self.in_proj_z(x).reshape(batch, n_pos, cfg.n_heads, cfg.d_v))
         return self.out_proj(self._gated_norm(reads.to(x.dtype), z).reshape(batch, n_pos, -1))
-
-    def _causal_conv(self, projected: Tensor, layer_cache: dict | None) -> Tensor:
-        """Depthwise causal conv (kernel K) + SiLU; the last K - 1 inputs are carried in the cache."""
-        batch, n_pos, channels = projected.shape
-        history = layer_cache.get("conv") if layer_cache is not None else None
-        if history is None:
-            history = projected.new_zeros(batch, channels, self.cfg.conv_kernel - 1)
-        full = torch.cat([history.to(projected.dtype), projected.transpose(1, 2)], dim=-1)
-        width = self.cfg.conv_kernel - 1
-        if layer_cache is not None:
-            layer_cache["conv"] = full[..., full.shape[-1] - width :]
-            if layer_cache.get("snapshot_at") is not None:  # the conv inputs before the first s tokens of this call
-                starts = layer_cache["snapshot_at"].to(full.device)
-                window = starts[:, None] + torch.arange(width, device=full.device)  # [n_sel, width]
-                layer_cache["snapshots"] = {"conv": full[:, :, window].permute(0, 2, 1, 3)}  # [b, n_sel, C, width]
-                layer_cache["snapshot_len"] = n_pos
-        return F.silu(F.conv1d(full, self.conv1d.weight, groups=channels)).transpose(1, 2)
 
     def _gated_norm(self, reads: Tensor, gate: Tensor) -> Tensor:
         """Per-head RMSNorm of the read, times the weight, times SiLU of the gate."""

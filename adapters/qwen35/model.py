@@ -20,7 +20,9 @@ from transformer_lens.hook_points import HookPoint
 
 from .config import HookedQwen35Config, text_config_of
 from .layers import Qwen35Block
-from .weights import convert_state_dict, load_checkpoint_tensors
+from writesae_lens.hooking.loading import convert_state_dict, load_checkpoint_tensors, resolve_folder, try_load_tokenizer
+
+from .weights import IGNORED_PREFIXES, our_name
 
 
 class HookedQwen35(HookedRecurrentLM):
@@ -55,12 +57,13 @@ class HookedQwen35(HookedRecurrentLM):
         """
         from transformers import AutoConfig
 
-        folder = _resolve_folder(name_or_path)
+        folder = resolve_folder(name_or_path)
         hf_config = AutoConfig.from_pretrained(folder)
         text_config_of(hf_config)  # clear error for unsupported model types
         if tokenizer is None and load_tokenizer:
-            tokenizer = _try_load_tokenizer(folder)
-        model = cls._from_config_and_weights(hf_config, load_checkpoint_tensors(folder), device, dtype, tokenizer)
+            tokenizer = try_load_tokenizer(folder)
+        tensors = load_checkpoint_tensors(folder, skip_prefixes=IGNORED_PREFIXES)
+        model = cls._from_config_and_weights(hf_config, tensors, device, dtype, tokenizer)
         model.cfg.model_name = str(name_or_path)
         return model
 
@@ -85,7 +88,7 @@ class HookedQwen35(HookedRecurrentLM):
         with torch.device("meta"):
             model = cls(cfg, tokenizer)
         expected = model.state_dict()
-        weights = convert_state_dict(hf_state, expected, cfg.tie_word_embeddings)
+        weights = convert_state_dict(hf_state, expected, our_name, cfg.tie_word_embeddings, "Qwen3.5")
         model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
         for module in model.modules():  # rebuild non-persistent buffers that were created on the meta device
             if hasattr(module, "inv_freq"):
@@ -93,23 +96,3 @@ class HookedQwen35(HookedRecurrentLM):
                 module.inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
         return model.to(device)
 
-
-def _resolve_folder(name_or_path) -> Path:
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{path} is a file; pass the checkpoint folder (holding config.json and the weights)")
-    if str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no checkpoint folder at {name_or_path!r}, and it is not a hub id of the form 'org/name'")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-
-
-def _try_load_tokenizer(folder: Path):
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)

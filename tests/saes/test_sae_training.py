@@ -343,6 +343,7 @@ def test_training_with_saelens_trainer_beside_the_flat_topk_baseline():
     # the flat baseline learns too; on write-shaped data the WriteSAE is at least as good with
     # far fewer parameters
     assert ev_flat > 0.5, ev_flat
+    assert sum(flat_losses[-20:]) < sum(flat_losses[:20])
     assert ev_write > ev_flat - 0.05, (ev_write, ev_flat)
     n_write = sum(p.numel() for p in write.parameters())
     n_flat = sum(p.numel() for p in flat.parameters())

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..hooking.cache import RecurrentCache
 from ..interventions import TIMING_HOOKS, atom_matrices, gaussian_rank1, mixer_hook
 from ..ops.gated_delta import recurrence
 from .records import FiringRecord, records_frame

@@ -138,6 +138,25 @@ class MatrixWriteMixer(nn.Module):
         reads = _hooked(self.hook_read, reads)
         return reads, final
 
+    def recur_with_cache(self, read_q, write_k, write_v, write_beta, log_decay, layer_cache: dict | None) -> Tensor:
+        """``run_recurrence`` from the cached state, storing the final state back (and, when the cache requests
+        snapshots, the states before each requested position: ``layer_cache["snapshots"]["state"]``
+        [batch, n_sel, head, d_k, d_v], position 0 being the state the call started from). Returns the reads."""
+        initial = layer_cache.get("state") if layer_cache is not None else None
+        snapshot_at = layer_cache.get("snapshot_at") if layer_cache is not None else None
+        if snapshot_at is None:
+            reads, final = self.run_recurrence(read_q, write_k, write_v, write_beta, log_decay, initial)
+        else:
+            reads, final, picked = self.run_recurrence(read_q, write_k, write_v, write_beta, log_decay, initial,
+                                                       (snapshot_at - 1).clamp(min=0))
+            start = initial if initial is not None else torch.zeros_like(final)
+            at_start = (snapshot_at == 0).to(picked.device)[None, :, None, None, None]
+            layer_cache.setdefault("snapshots", {})["state"] = torch.where(at_start, start[:, None], picked)
+            layer_cache["snapshot_len"] = write_k.shape[1]
+        if layer_cache is not None:
+            layer_cache["state"] = final
+        return reads
+
     def _apply_state_hook(self, query, key, log_decay, erase, edits, base_traj, rebuild_base) -> StateEdits | None:
         """Show ``hook_state`` the states the reads see; turn the cells its hooks change into assign edits.
 

@@ -203,58 +203,6 @@ def _chunk_trajectories(starts: Tensor, k: Tensor, deltas: Tensor, cum_log_decay
     return states
 
 
-def _states_at(starts: Tensor, k: Tensor, deltas: Tensor, cum_log_decay: Tensor, positions: Tensor) -> Tensor:
-    """``S_p`` at a few positions only, ``[batch, n_sel, head, d_k, d_v]``: from the chunk's start state and the
-    masked sum over that chunk's first positions (cost n_sel * chunk * d_k * d_v, no trajectory)."""
-    chunk = k.shape[3]
-    positions = positions.to(k.device).long()
-    which, offset = positions // chunk, positions % chunk  # [n_sel]
-    g = cum_log_decay[:, :, which]  # [b, h, n_sel, C]
-    g_at = g.gather(-1, offset.expand(*g.shape[:2], -1)[..., None])  # [b, h, n_sel, 1]
-    upto = torch.arange(chunk, device=k.device)[None, :] <= offset[:, None]  # [n_sel, C]
-    weights = (g_at - g).masked_fill(~upto, float("-inf")).exp()  # exp(G_p - G_j) for j <= p
-    summed = (k[:, :, which] * weights[..., None]).transpose(-1, -2) @ deltas[:, :, which]  # [b, h, n_sel, d_k, d_v]
-    states = g_at.exp()[..., None] * starts[:, :, which] + summed
-    return states.transpose(1, 2)
-
-
-def _chunk_trajectories(starts: Tensor, k: Tensor, deltas: Tensor, cum_log_decay: Tensor, sub: int = 8) -> Tensor:
-    """Every state of every chunk, ``S_i = exp(G_i) S + sum_{j<=i} exp(G_i - G_j) k_j delta_j^T``, returned as
-    ``[batch, chunk, chunk_pos, head, d_k, d_v]``.
-
-    Done directly, the sum costs ``chunk_size`` multiply-adds per output entry. Splitting each chunk into sub-chunks
-    of ``sub`` positions costs about ``sub`` instead: a short loop carries the state across sub-chunk boundaries,
-    and inside a sub-chunk the masked sum is one small batched matmul.
-    starts [b, h, n, d_k, d_v]; k [b, h, n, C, d_k]; deltas [b, h, n, C, d_v]; cum_log_decay [b, h, n, C].
-    """
-    b, h, n, chunk, d_k = k.shape
-    d_v = deltas.shape[-1]
-    sub = sub if chunk % sub == 0 else chunk
-    m = chunk // sub
-    g = cum_log_decay.reshape(b, h, n, m, sub)
-    ks, ds = k.reshape(b, h, n, m, sub, d_k), deltas.reshape(b, h, n, m, sub, d_v)
-    previous_end = torch.cat([g.new_zeros(b, h, n, 1), g[..., :-1, -1]], dim=-1)  # G before each sub-chunk
-
-    sub_starts, state = [], starts
-    for j in range(m):  # the state entering each sub-chunk
-        sub_starts.append(state)
-        to_end = (g[..., j, -1:] - g[..., j, :]).exp()  # [b, h, n, sub]
-        state = state * (g[..., j, -1] - previous_end[..., j]).exp()[..., None, None] + (
-            ks[..., j, :, :] * to_end[..., None]
-        ).transpose(-1, -2) @ ds[..., j, :, :]
-    sub_starts = torch.stack(sub_starts, dim=3)  # [b, h, n, m, d_k, d_v]
-
-    causal = torch.ones(sub, sub, dtype=torch.bool, device=k.device).tril()
-    local = (g[..., :, None] - g[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [b, h, n, m, i, j]
-    # Row (i, key) of one matmul: sum_j local[i, j] k_j[key] delta_j, i.e. [(i, d_k), j] @ [j, d_v].
-    weighted_keys = local[..., :, None, :] * ks.transpose(-1, -2)[..., None, :, :]  # [b, h, n, m, i, d_k, j]
-    states = weighted_keys.reshape(b, h, n, m, sub * d_k, sub) @ ds  # [b, h, n, m, i * d_k, d_v]
-    states = states.reshape(b, h, n, m, sub, d_k * d_v)
-    entering = (g - previous_end[..., None]).exp()  # [b, h, n, m, i]: decay from the sub-chunk's start
-    states.addcmul_(entering[..., None], sub_starts.reshape(b, h, n, m, 1, d_k * d_v))
-    return states.reshape(b, h, n, chunk, d_k, d_v).permute(0, 2, 3, 1, 4, 5)  # [b, n, C, h, d_k, d_v]
-
-
 def recurrence(
     query: Tensor,
     key: Tensor,

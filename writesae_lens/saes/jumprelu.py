@@ -7,7 +7,6 @@ estimators on log(threshold); here, as in SAELens, the threshold itself is the p
 kept non-negative by projection).
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, no_type_check
 

@@ -1,0 +1,32 @@
+"""The depthwise causal convolution in front of the recurrent mixers (Gated DeltaNet, Mamba-2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def causal_conv(
+    projected: Tensor,  # [batch, pos, channels]
+    weight: Tensor,  # [channels, 1, kernel]
+    bias: Tensor | None,  # [channels]
+    layer_cache: dict | None,
+) -> Tensor:  # [batch, pos, channels]
+    """Depthwise causal conv + SiLU. The last ``kernel - 1`` inputs are carried in ``layer_cache["conv"]``
+    ([batch, channels, kernel - 1]); the entry is replaced, never written in place. When the cache requests snapshots
+    (``"snapshot_at"``, see ``RecurrentCache.request_snapshots``) the inputs before each requested position are kept
+    in ``layer_cache["snapshots"]["conv"]`` ([batch, n_sel, channels, kernel - 1])."""
+    batch, n_pos, channels = projected.shape
+    width = weight.shape[-1] - 1
+    history = layer_cache.get("conv") if layer_cache is not None else None
+    if history is None:
+        history = projected.new_zeros(batch, channels, width)
+    full = torch.cat([history.to(projected.dtype), projected.transpose(1, 2)], dim=-1)  # [batch, channels, K-1+pos]
+    if layer_cache is not None:
+        layer_cache["conv"] = full[..., full.shape[-1] - width :]
+        if layer_cache.get("snapshot_at") is not None:
+            window = layer_cache["snapshot_at"].to(full.device)[:, None] + torch.arange(width, device=full.device)
+            layer_cache.setdefault("snapshots", {})["conv"] = full[:, :, window].permute(0, 2, 1, 3)
+            layer_cache["snapshot_len"] = n_pos
+    return F.silu(F.conv1d(full, weight, bias, groups=channels)).transpose(1, 2)
