@@ -40,11 +40,11 @@ def hook_path_kls(model, tokens, cells, matrices, timing, reads):
     """KL(native || edited) and the reverse at ``reads[i]`` for edit i alone, each applied to its whole passage
     through the hooks (one batch row per edit: rows are independent)."""
     with torch.no_grad():
-        native = torch.log_softmax(model(tokens), -1)
+        native = torch.log_softmax(model(tokens).double(), -1)
         rows = [(i, t, h) for i, (_, t, h) in enumerate(cells)]
         edited = model.run_with_hooks(tokens[[p for p, _, _ in cells]],
                                       fwd_hooks=iv.add_to_state(LAYER, rows, matrices, timing))
-        edited = torch.log_softmax(edited, -1)
+        edited = torch.log_softmax(edited.double(), -1)
     out = []
     for i, (p, _, _) in enumerate(cells):
         n, e = native[p, reads[i]], edited[i, reads[i]]

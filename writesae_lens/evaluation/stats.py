@@ -815,7 +815,7 @@ def format_summary(summary: SubstitutionSummary) -> str:
         )
     lines.append("  median KL ± MAD/sqrt(n):")
     header = ("group", "n", "atom", "delete", "random", "atom:delete:random", "delete/atom", "random/atom")
-    widths = (8, 6, 16, 16, 16, 20, 12, 12)
+    widths = (8, 7, 20, 20, 20, 21, 13, 12)
     lines.append("    " + "".join(text.ljust(width) for text, width in zip(header, widths)).rstrip())
     for row in summary.kl_scale:
         cells = (

@@ -264,7 +264,7 @@ class _PassagePlan:
         names = [mixer_hook(layer, f"hook_{n}") for n in ("write_k", "write_v", "write_beta")]
         logits, cache = model.run_with_cache(self.resid, start_at_layer=layer, cache=self.snapshot_cache,
                                              names_filter=names)
-        self.native_logp = F.log_softmax(logits[0].float(), dim=-1)  # [pos, d_vocab]
+        self.native_logp = F.log_softmax(logits[0].double(), dim=-1)  # [pos, d_vocab], fp64: KLs of 1e-7 stay positive
         self.k, self.v, self.beta = (cache[n][0, :, head].float() for n in names)
 
     def native_write(self, t: int) -> Tensor:
@@ -315,7 +315,7 @@ class _PassagePlan:
             hooks = [(mixer_hook(self.layer, TIMING_HOOKS["write"]), add)]
         with self.model.hooks(fwd_hooks=hooks):
             logits = self.model(resid, start_at_layer=self.layer, cache=cache)
-        cond_logp = F.log_softmax(logits[torch.arange(len(rows)), reads - starts].float(), dim=-1).cpu()
+        cond_logp = F.log_softmax(logits[torch.arange(len(rows)), reads - starts].double(), dim=-1).cpu()
         native_logp = self.native_logp[reads].cpu()
         kl = (native_logp.exp() * (native_logp - cond_logp)).sum(-1)
         kl_rev = (cond_logp.exp() * (cond_logp - native_logp)).sum(-1)

@@ -1,0 +1,68 @@
+"""The `writesae` command line: help, clear errors, and train + substitution end to end on a tiny model."""
+
+import subprocess
+import sys
+
+import pytest
+
+from writesae_lens.cli import build_parser, main
+
+
+def test_help_lists_every_command_and_option(capsys):
+    for argv in (["--help"], ["demo", "--help"], ["train", "--help"], ["substitution", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(argv)
+        assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model", "--layer", "--head", "--d-sae", "--k", "--text", "--device", "--out", "--sae",
+                   "--timing", "--kl-at", "--amplitude", "--final-token-only"):
+        assert option in out, option
+
+
+def test_console_script_answers_quickly():
+    result = subprocess.run([sys.executable, "-m", "writesae_lens.cli", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "substitution" in result.stdout
+
+
+def test_bad_options_get_a_clear_message(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["train", "--model", "x", "--layer", "one", "--head", "0", "--out", "o"])
+    assert exit_info.value.code == 2
+    assert "invalid int value" in capsys.readouterr().err
+    code = main(["train", "--model", str(tmp_path / "missing"), "--layer", "1", "--head", "0",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "no checkpoint folder" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    code = main(["train", "--model", "qwen35-tiny", "--layer", "1", "--head", "0", "--out", str(tmp_path / "full")])
+    assert code == 2 and "not empty" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    code = main(["train", "--model", "qwen35-tiny", "--layer", "3", "--head", "0", "--out", str(tmp_path / "o3"),
+                 "--training-tokens", "1000"])
+    assert code == 2 and "not a recurrent layer" in capsys.readouterr().err
+
+
+def test_train_then_substitution(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    from writesae_lens.data import load_heldout_documents
+
+    text.write_text("<|endoftext|>".join(load_heldout_documents()[:60]), encoding="utf-8")
+    common = ["--model", "qwen35-tiny", "--layer", "2", "--head", "1", "--text", str(text)]
+    assert main(["train", *common, "--d-sae", "64", "--k", "4", "--context-size", "64", "--training-tokens",
+                 str(64 * 8 * 40), "--batch-tokens", "512", "--lr", "3e-3", "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "sae" / "cfg.json").exists()
+    assert main(["substitution", *common, "--sae", str(tmp_path / "run" / "sae"), "--passages", "6",
+                 "--passage-len", "64", "--max-firings", "60", "--out", str(tmp_path / "test")]) == 0
+    out = capsys.readouterr().out
+    assert "win rate" in out and "Wilson" in out
+    for name in ("records.csv", "summary.txt", "summary.json", "kl_scatter.png", "kl_log_ratio_density.png",
+                 "settings.json"):
+        assert (tmp_path / "test" / name).stat().st_size > 0, name
+
+
+@pytest.mark.slow
+def test_demo(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert "win rate" in capsys.readouterr().out

@@ -1,0 +1,190 @@
+"""The ``writesae`` command line: train a WriteSAE on a recurrent model's state and run the substitution test.
+
+    writesae demo                                   # the embedded tiny Qwen3.5 model and text, a few minutes on CPU
+    writesae train --model PATH --layer 9 --head 4 --out runs/L9H4
+    writesae substitution --model PATH --sae runs/L9H4/sae --layer 9 --head 4 --out runs/L9H4-test
+
+Heavy libraries are imported after the arguments are parsed, so ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# The demo's cell and sizes: small enough for a few minutes on a 2-core CPU.
+DEMO = dict(model="qwen35-tiny", layer=1, head=0, d_sae=256, k=16, context_size=128, training_tokens=128 * 16 * 250,
+            batch_tokens=128 * 16, lr=2e-3, warmup_steps=20, passages=48, passage_len=128,
+            max_firings_per_feature=40, max_firings=1500)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="writesae",
+        description="WriteSAEs on the matrix-valued state of recurrent language models (Gated DeltaNet, Mamba-2).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="train a WriteSAE on the embedded model and run the substitution test",
+                          description="On the tiny Qwen3.5-architecture model and held-out text shipped with the "
+                          "package: train a WriteSAE through SAELens on one head's state, run the substitution test, "
+                          "print the summary and write records and plots to --out. No download; minutes on a CPU.")
+    demo.add_argument("--out", type=Path, default=Path("writesae-demo"), help="output folder (default: %(default)s)")
+    demo.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    demo.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
+    demo.add_argument("--seed", type=int, default=2026, help="seed of the firing sample and controls")
+
+    train = sub.add_parser("train", help="train a WriteSAE with SAELens on one head of a recurrent layer",
+                           description="Train a rank-1 bilinear TopK WriteSAE with SAELens' training runner on "
+                           "blocks.LAYER.mixer.hook_state, head HEAD, and save it (SAE.load_from_disk reads it).")
+    _model_arguments(train)
+    _cell_arguments(train)
+    train.add_argument("--d-sae", type=int, default=2048, help="dictionary size (default: %(default)s, the paper's)")
+    train.add_argument("--k", type=int, default=32, help="active atoms per state (default: %(default)s)")
+    train.add_argument("--context-size", type=int, default=1024, help="tokens per context (default: %(default)s)")
+    train.add_argument("--training-tokens", type=int, default=2_000_000, help="tokens of states to train on")
+    train.add_argument("--batch-tokens", type=int, default=4096, help="states per training batch")
+    train.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, cosine to lr/10 (default: %(default)s)")
+    train.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
+    train.add_argument("--final-token-only", action="store_true",
+                       help="train only on the state after each context's last token (the paper's code)")
+    train.add_argument("--seed", type=int, default=42)
+    _output_arguments(train)
+
+    subst = sub.add_parser("substitution", help="run the substitution test with a trained WriteSAE",
+                           description="At positions where the SAE fires, replace the native write by the dominant "
+                           "atom, by nothing, and by a random atom; record the KL of the next-token distribution "
+                           "against the native one; print the statistics and save records and plots.")
+    _model_arguments(subst)
+    _cell_arguments(subst)
+    subst.add_argument("--sae", type=Path, required=True, help="folder of a saved WriteSAE (SAE.load_from_disk)")
+    subst.add_argument("--passages", type=int, default=200, help="evaluation passages (default: %(default)s)")
+    subst.add_argument("--passage-len", type=int, default=512, help="tokens per passage (default: %(default)s)")
+    subst.add_argument("--max-firings-per-feature", type=int, default=300, help="cap per feature (default: %(default)s)")
+    subst.add_argument("--max-firings", type=int, default=None, help="cap on all firings (default: none)")
+    subst.add_argument("--amplitude", choices=["natural", "native_norm"], default="natural",
+                       help="atom at its SAE coefficient, or rescaled to the native write's norm")
+    subst.add_argument("--timing", choices=["after_read", "write"], default="after_read",
+                       help="edit the cache after position t is read (the paper's), or the write itself")
+    subst.add_argument("--kl-at", choices=["next", "end"], default="next",
+                       help="read the KL at the first output the edit can change, or at the passage end")
+    subst.add_argument("--batch-size", type=int, default=48, help="rows (firings x 3 conditions) per batch")
+    subst.add_argument("--seed", type=int, default=2026)
+    _output_arguments(subst)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="a shipped model name (qwen35-tiny, mamba2-tiny), a checkpoint folder, or a hub id")
+    parser.add_argument("--text", type=Path, default=None,
+                        help="a UTF-8 text file, documents separated by <|endoftext|> or blank lines "
+                        "(default: the held-out text shipped with the package)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model weights' dtype")
+
+
+def _cell_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layer", type=int, required=True, help="a recurrent layer of the model")
+    parser.add_argument("--head", type=int, required=True, help="a head of that layer")
+
+
+def _output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="output folder (must be empty or new)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"demo": run_demo, "train": run_train, "substitution": run_substitution}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
+        print(f"writesae {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_demo(args) -> int:
+    import torch
+
+    from . import pipeline
+    from .models import load_hooked_model
+
+    torch.manual_seed(0)
+    pipeline.check_output_folder(args.out, args.overwrite)
+    start = time.perf_counter()
+    print(f"[1/3] loading the embedded model {DEMO['model']!r} and its held-out text")
+    model = load_hooked_model(DEMO["model"], device=args.device)
+    train_docs, eval_docs = pipeline.split_documents(pipeline.load_texts(None))
+    settings = pipeline.TrainSettings(
+        layer=DEMO["layer"], head=DEMO["head"], d_sae=DEMO["d_sae"], k=DEMO["k"], context_size=DEMO["context_size"],
+        training_tokens=DEMO["training_tokens"], batch_tokens=DEMO["batch_tokens"], lr=DEMO["lr"],
+        warmup_steps=DEMO["warmup_steps"],
+    )
+    print(f"[2/3] training a WriteSAE (d_sae {settings.d_sae}, k {settings.k}) with SAELens on "
+          f"blocks.{settings.layer}.mixer.hook_state, head {settings.head}")
+    sae = pipeline.train_state_sae(model, train_docs, settings, args.out / "sae", device=args.device)
+    passages = pipeline.token_passages(model, eval_docs, DEMO["passages"], DEMO["passage_len"]).to(args.device)
+    print(f"[3/3] substitution test on {passages.shape[0]} held-out passages of {passages.shape[1]} tokens")
+    _, _, text = pipeline.run_substitution(model, sae, settings.layer, settings.head, passages, args.out,
+                                           seed=args.seed, max_firings_per_feature=DEMO["max_firings_per_feature"],
+                                           max_firings=DEMO["max_firings"])
+    pipeline.save_settings(args.out, demo=DEMO, train=settings, seed=args.seed)
+    print(text)
+    print(f"\nrecords, summary and plots in {args.out}/ ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def run_train(args) -> int:
+    from . import pipeline
+    from .models import load_hooked_model
+
+    pipeline.check_output_folder(args.out, args.overwrite)
+    model = load_hooked_model(args.model, device=args.device, dtype=_dtype(args.dtype))
+    settings = pipeline.TrainSettings(
+        layer=args.layer, head=args.head, d_sae=args.d_sae, k=args.k, context_size=args.context_size,
+        training_tokens=args.training_tokens, batch_tokens=args.batch_tokens, lr=args.lr,
+        warmup_steps=args.warmup_steps, final_token_only=args.final_token_only, seed=args.seed,
+    )
+    train_docs, _ = pipeline.split_documents(pipeline.load_texts(args.text))
+    pipeline.train_state_sae(model, train_docs, settings, args.out / "sae", device=args.device)
+    pipeline.save_settings(args.out, model=args.model, text=args.text, train=settings)
+    print(f"saved the WriteSAE in {args.out / 'sae'}")
+    return 0
+
+
+def run_substitution(args) -> int:
+    from sae_lens import SAE
+
+    import writesae_lens.saes  # noqa: F401  (registers the WriteSAE architectures with SAELens)
+
+    from . import pipeline
+    from .models import load_hooked_model
+
+    pipeline.check_output_folder(args.out, args.overwrite)
+    if not (args.sae / "cfg.json").exists():
+        raise FileNotFoundError(f"{args.sae} is not a saved SAE folder (no cfg.json)")
+    model = load_hooked_model(args.model, device=args.device, dtype=_dtype(args.dtype))
+    sae = SAE.load_from_disk(args.sae, device=args.device)
+    _, eval_docs = pipeline.split_documents(pipeline.load_texts(args.text))
+    passages = pipeline.token_passages(model, eval_docs, args.passages, args.passage_len).to(args.device)
+    _, _, text = pipeline.run_substitution(
+        model, sae, args.layer, args.head, passages, args.out, seed=args.seed,
+        max_firings_per_feature=args.max_firings_per_feature, max_firings=args.max_firings,
+        amplitude=args.amplitude, timing=args.timing, kl_at=args.kl_at, batch_size=args.batch_size,
+    )
+    pipeline.save_settings(args.out, **{k: v for k, v in vars(args).items() if k != "command"})
+    print(text)
+    print(f"\nrecords, summary and plots in {args.out}/")
+    return 0
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
