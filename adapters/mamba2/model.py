@@ -19,12 +19,11 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from writesae_lens.hooking.components import Embed, RMSNorm, Unembed
+from writesae_lens.hooking.loading import convert_state_dict
 from writesae_lens.hooking.root import HookedRecurrentLM
 
 from .config import HookedMamba2Config, check_model_type
 from .layers import Mamba2Block
-from writesae_lens.hooking.loading import convert_state_dict, load_checkpoint_tensors, resolve_folder, try_load_tokenizer
-
 from .weights import our_name
 
 
@@ -53,37 +52,12 @@ class HookedMamba2(HookedRecurrentLM):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | Path,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
-        tokenizer=None,
-        load_tokenizer: bool = True,
-    ) -> "HookedMamba2":
-        """Load a local checkpoint folder or a hub id of a transformers Mamba-2 model (model_type ``mamba2``).
-
-        Hub ids need a network (``huggingface_hub.snapshot_download``); local folders are read directly.
-        """
-        from transformers import AutoConfig
-
-        folder = resolve_folder(name_or_path)
+    def _check_folder(cls, folder: Path) -> None:
         _check_config_file(folder)
-        hf_config = AutoConfig.from_pretrained(folder)
-        check_model_type(hf_config)
-        if tokenizer is None and load_tokenizer:
-            tokenizer = try_load_tokenizer(folder)
-        model = cls._from_config_and_weights(hf_config, load_checkpoint_tensors(folder), device, dtype, tokenizer)
-        model.cfg.model_name = str(name_or_path)
-        return model
 
     @classmethod
-    def from_hf_model(cls, hf_model, tokenizer=None, device=None, dtype: torch.dtype | None = None) -> "HookedMamba2":
-        """Convert an instantiated ``Mamba2ForCausalLM``."""
-        first = next(hf_model.parameters())
-        return cls._from_config_and_weights(
-            hf_model.config, hf_model.state_dict(), device or first.device, dtype or first.dtype, tokenizer
-        )
+    def _check_hf_config(cls, hf_config) -> None:
+        check_model_type(hf_config)
 
     @classmethod
     def _from_config_and_weights(cls, hf_config, hf_state, device, dtype, tokenizer) -> "HookedMamba2":

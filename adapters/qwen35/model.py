@@ -9,19 +9,16 @@ transformers is used to read configs, weights and tokenizers, and as the parity 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
+from transformer_lens.hook_points import HookPoint
 
 from writesae_lens.hooking.components import Embed, RMSNorm, Unembed
+from writesae_lens.hooking.loading import convert_state_dict
 from writesae_lens.hooking.root import HookedRecurrentLM
-from transformer_lens.hook_points import HookPoint
 
 from .config import HookedQwen35Config, text_config_of
 from .layers import Qwen35Block
-from writesae_lens.hooking.loading import convert_state_dict, load_checkpoint_tensors, resolve_folder, try_load_tokenizer
-
 from .weights import IGNORED_PREFIXES, our_name
 
 
@@ -42,38 +39,11 @@ class HookedQwen35(HookedRecurrentLM):
         self.setup()
 
     # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | Path,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
-        tokenizer=None,
-        load_tokenizer: bool = True,
-    ) -> "HookedQwen35":
-        """Load a local checkpoint folder or a hub id (``qwen3_5_text`` or the multimodal ``qwen3_5`` wrapper).
-
-        Hub ids need a network (``huggingface_hub.snapshot_download``); local folders are read directly.
-        """
-        from transformers import AutoConfig
-
-        folder = resolve_folder(name_or_path)
-        hf_config = AutoConfig.from_pretrained(folder)
-        text_config_of(hf_config)  # clear error for unsupported model types
-        if tokenizer is None and load_tokenizer:
-            tokenizer = try_load_tokenizer(folder)
-        tensors = load_checkpoint_tensors(folder, skip_prefixes=IGNORED_PREFIXES)
-        model = cls._from_config_and_weights(hf_config, tensors, device, dtype, tokenizer)
-        model.cfg.model_name = str(name_or_path)
-        return model
+    skip_checkpoint_prefixes = IGNORED_PREFIXES  # the multimodal wrapper's vision tower, the MTP head
 
     @classmethod
-    def from_hf_model(cls, hf_model, tokenizer=None, device=None, dtype: torch.dtype | None = None) -> "HookedQwen35":
-        """Convert an instantiated ``Qwen3_5ForCausalLM`` (or ``Qwen3_5ForConditionalGeneration``)."""
-        first = next(hf_model.parameters())
-        return cls._from_config_and_weights(
-            hf_model.config, hf_model.state_dict(), device or first.device, dtype or first.dtype, tokenizer
-        )
+    def _check_hf_config(cls, hf_config) -> None:
+        text_config_of(hf_config)  # accepts qwen3_5_text and the multimodal qwen3_5 wrapper
 
     @classmethod
     def _from_config_and_weights(cls, hf_config, hf_state, device, dtype, tokenizer) -> "HookedQwen35":

@@ -37,6 +37,59 @@ class HookedRecurrentLM(HookedRootModule):
     cfg: Any
     tokenizer: Any
 
+    # ------------------------------------------------------------------ loading
+    # Keys a family's checkpoints carry that the hooked model never uses (read neither from disk nor into memory).
+    skip_checkpoint_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        tokenizer=None,
+        load_tokenizer: bool = True,
+    ):
+        """Load a local transformers checkpoint folder or a hub id (hub ids need a network; the code path after the
+        download is the same). ``device`` defaults to CUDA when available."""
+        from transformers import AutoConfig
+
+        from .loading import load_checkpoint_tensors, resolve_folder, try_load_tokenizer
+
+        folder = resolve_folder(name_or_path)
+        cls._check_folder(folder)
+        hf_config = AutoConfig.from_pretrained(folder)
+        cls._check_hf_config(hf_config)
+        if tokenizer is None and load_tokenizer:
+            tokenizer = try_load_tokenizer(folder)
+        tensors = load_checkpoint_tensors(folder, skip_prefixes=cls.skip_checkpoint_prefixes)
+        model = cls._from_config_and_weights(hf_config, tensors, device, dtype, tokenizer)
+        model.cfg.model_name = str(name_or_path)
+        return model
+
+    @classmethod
+    def from_hf_model(cls, hf_model, tokenizer=None, device=None, dtype: torch.dtype | None = None):
+        """Convert an instantiated transformers model of the family (same weights, same device and dtype by default)."""
+        cls._check_hf_config(hf_model.config)
+        first = next(hf_model.parameters())
+        return cls._from_config_and_weights(
+            hf_model.config, hf_model.state_dict(), device or first.device, dtype or first.dtype, tokenizer
+        )
+
+    @classmethod
+    def _check_folder(cls, folder) -> None:
+        """Family hook: reject a folder before transformers reads it (default: accept)."""
+
+    @classmethod
+    def _check_hf_config(cls, hf_config) -> None:
+        """Family hook: a clear error for configs of other model types."""
+        raise NotImplementedError
+
+    @classmethod
+    def _from_config_and_weights(cls, hf_config, hf_state: dict, device, dtype, tokenizer):
+        """Family hook: build the model from a transformers config and state dict."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ tokens
     def to_tokens(
         self,
