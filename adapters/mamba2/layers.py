@@ -112,7 +112,7 @@ class Mamba2Block(nn.Module):
         self.hook_mixer_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, resid: Tensor, layer_cache: dict | None, pos_offset: int) -> Tensor:
+    def forward(self, resid: Tensor, layer_cache: dict | None, pos_offset: int | Tensor) -> Tensor:
         resid = self.hook_resid_pre(resid)
         mixed = self.hook_mixer_out(self.mixer(self.ln1(resid.to(self.ln1.w.dtype)), layer_cache))
         if self.residual_in_fp32:
