@@ -56,6 +56,8 @@ class FiringScan:
     feature: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     code: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     alive: Tensor | None = None  # [d_sae] bool: fired at least once
+    # passage -> residual stream entering the layer [pos, d_model], kept so the layers before it never run again
+    residuals: dict[int, Tensor] = field(default_factory=dict)
 
     def firings(self) -> list[tuple[int, int, int]]:
         """Every (passage, position, feature) with a non-zero code."""
@@ -98,37 +100,46 @@ def check_cell(model, sae, layer: int, head: int) -> None:
 @torch.no_grad()
 def head_states(model, tokens: Tensor, layer: int, head: int) -> tuple[Tensor, dict[str, Tensor]]:
     """States ``[batch, pos, d_k * d_v]`` of one head, from that head's write factors only (no all-head trajectory),
-    and the native factors ``k`` [b, p, d_k], ``v`` [b, p, d_v], ``beta`` [b, p]."""
+    and the native factors ``k`` [b, p, d_k], ``v`` [b, p, d_v], ``beta`` [b, p], plus ``resid`` [b, p, d_model], the
+    residual stream entering the layer."""
     names = {n: mixer_hook(layer, f"hook_{n}") for n in ("write_k", "write_v", "write_beta", "decay")}
+    names["resid"] = f"blocks.{layer}.hook_resid_pre"
     _, cache = model.run_with_cache(tokens, names_filter=list(names.values()), stop_at_layer=layer + 1)
     k, v, beta, g = (cache[names[n]][:, :, head : head + 1].float() for n in ("write_k", "write_v", "write_beta", "decay"))
     erase = beta if model.blocks[layer].mixer.delta_rule else None
     _, _, trajectory = recurrence(k, k, beta[..., None] * v, g, erase, return_trajectory=True)
-    factors = {"k": k[:, :, 0], "v": v[:, :, 0], "beta": beta[:, :, 0]}
+    factors = {"k": k[:, :, 0], "v": v[:, :, 0], "beta": beta[:, :, 0], "resid": cache[names["resid"]]}
     return trajectory[:, :, 0].flatten(-2), factors
 
 
 @torch.no_grad()
 def scan_firings(model, sae, layer: int, head: int, tokens: Tensor, batch_size: int = 8,
-                 progress: bool = True) -> FiringScan:
-    """Encode every position's state of (layer, head) and keep the active features (code > 0)."""
+                 progress: bool = True, keep_residuals: bool = False) -> FiringScan:
+    """Encode every position's state of (layer, head) and keep the active features (code > 0); with
+    ``keep_residuals``, also the residual stream entering the layer of every passage that has a firing
+    (n_passages x pos x d_model floats, on the model's device)."""
     check_cell(model, sae, layer, head)
     n_passages, n_pos = tokens.shape
+    scan = FiringScan(layer, head, n_passages, n_pos)
     alive = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     parts = []
     for start in tqdm(range(0, n_passages, batch_size), desc="scan firings", disable=not progress):
-        states, _ = head_states(model, tokens[start : start + batch_size], layer, head)
+        states, factors = head_states(model, tokens[start : start + batch_size], layer, head)
         if not torch.isfinite(states).all():
             raise ValueError("non-finite recurrent states in the scanned passages")
         codes = sae.encode(states.to(sae.device, sae.dtype)).float().cpu()  # [b, p, d_sae]
         active = codes > 0
         alive |= active.flatten(0, 1).any(0)
         b, t, f = active.nonzero(as_tuple=True)
+        if keep_residuals:
+            for row in b.unique().tolist():
+                scan.residuals[start + row] = factors["resid"][row].clone()
         parts.append(np.stack([(b + start).numpy(), t.numpy(), f.numpy()]).astype(np.int64))
         parts.append(codes[b, t, f].numpy())
     index = np.concatenate(parts[0::2], axis=1) if parts else np.zeros((3, 0), dtype=np.int64)
     values = np.concatenate(parts[1::2]) if parts else np.zeros(0, dtype=np.float32)
-    return FiringScan(layer, head, n_passages, n_pos, index[0], index[1], index[2], values, alive)
+    scan.passage, scan.position, scan.feature, scan.code, scan.alive = index[0], index[1], index[2], values, alive
+    return scan
 
 
 def select_firings(scan: FiringScan, max_per_feature: int | None = 300, max_total: int | None = None,
@@ -165,7 +176,7 @@ def replacement_test(
     timing: Literal["after_read", "write"] = "after_read",
     kl_at: Literal["next", "end"] = "next",
     random_control: Literal["atom", "gaussian"] = "atom",
-    batch_size: int = 48,
+    batch_size: int = 96,
     scan_batch_size: int = 8,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -184,7 +195,7 @@ def replacement_test(
     if random_control not in ("atom", "gaussian"):
         raise ValueError(f"random_control must be 'atom' or 'gaussian', got {random_control!r}")
     tokens = model._as_tokens(tokens, prepend_bos=False)
-    scan = scan_firings(model, sae, layer, head, tokens, scan_batch_size, progress)
+    scan = scan_firings(model, sae, layer, head, tokens, scan_batch_size, progress, keep_residuals=True)
     last = tokens.shape[1] - 1
     excluded = {last} if timing == "after_read" else set()  # an edit after the last read changes no output
     chosen = select_firings(scan, max_firings_per_feature, max_firings, seed, excluded)
@@ -205,7 +216,7 @@ def replacement_test(
     outcome: dict[tuple[int, int], dict] = {}
     bar = tqdm(total=sum(map(len, positions_by_passage.values())), desc="substitution test", disable=not progress)
     for p, positions in sorted(positions_by_passage.items()):
-        plan = _PassagePlan(model, layer, head, tokens[p : p + 1], timing, kl_at, positions)
+        plan = _PassagePlan(model, layer, head, scan.residuals.pop(p)[None], timing, kl_at, positions)
         edits = {}
         for t in sorted(positions):
             features, codes = active_at[(p, t)]
@@ -253,10 +264,10 @@ class _PassagePlan:
     native outputs and keeps native cache snapshots at the firings' start positions, then batched edited runs in
     which every row starts from its own snapshot."""
 
-    def __init__(self, model, layer: int, head: int, tokens: Tensor, timing: str, kl_at: str, firing_positions) -> None:
+    def __init__(self, model, layer: int, head: int, resid: Tensor, timing: str, kl_at: str, firing_positions) -> None:
         self.model, self.layer, self.head, self.timing, self.kl_at = model, layer, head, timing, kl_at
-        self.n_pos = tokens.shape[1]
-        self.resid = model(tokens, stop_at_layer=layer)  # [1, pos, d_model]: layers before `layer` run once
+        self.n_pos = resid.shape[1]
+        self.resid = resid  # [1, pos, d_model]: the layers before `layer` ran once, in the scan
         unique_starts = sorted({self.start_position(t) for t in firing_positions})
         self.snapshot_index = {s: i for i, s in enumerate(unique_starts)}
         self.snapshot_cache = model.empty_cache()
