@@ -4,61 +4,24 @@
 import pytest
 import torch
 
+from edit_checks import FACTORS, EditChecks, assert_close
 from naive_recurrence import naive_edited_layer
 
 LAYER = 1
-FACTORS = ("hook_read_q", "hook_write_k", "hook_write_v", "hook_write_beta", "hook_decay")
+_checks = EditChecks(LAYER, delta_rule=False)
+mixer, run_edited, expected, check = _checks.mixer, _checks.run_edited, _checks.expected, _checks.check
+naive = _checks.naive
 N_POS = 83  # not a multiple of the chunk size
 
 
-def mixer(name):
-    return f"blocks.{LAYER}.mixer.{name}"
-
-
 @pytest.fixture(scope="module")
-def setup(mamba2_pair):  # noqa: F811
+def setup(mamba2_pair):
     _, model = mamba2_pair
     tokens = torch.randint(0, 100, (2, N_POS), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=[mixer(n) for n in FACTORS + ("hook_skip",)])
     native = {n: cache[mixer(n)] for n in FACTORS + ("hook_skip",)}
     return model, tokens, logits, native
-
-
-def run_edited(model, tokens, hooks):
-    """Logits, reads and final state of layer LAYER in an edited run."""
-    cache = model.empty_cache()
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        logits, acts = model.run_with_cache(tokens, names_filter=[mixer("hook_read")], cache=cache)
-    return logits, acts[mixer("hook_read")], cache.recurrent_state(LAYER)
-
-
-def naive(native, **edits):
-    return naive_edited_layer(*(native[n] for n in FACTORS), delta_rule=False, **edits)
-
-
-def expected(model, tokens, native, **edits):
-    """The naive reference's reads, and the logits of a run whose only change is those reads at LAYER."""
-    reads, final, _ = naive(native, **edits)
-    reads32 = reads.float()
-    with torch.no_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(mixer("hook_read"), lambda x, hook: reads32)])
-    return logits, reads, final
-
-
-def assert_close(ours, ref, tol=1e-5):
-    ref = ref.to(ours.dtype)
-    err = (ours - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
-    assert err.item() <= tol, f"relative error {err.item():.2e}"
-
-
-def check(model, tokens, native, hooks, **edits):
-    logits, reads, final = run_edited(model, tokens, hooks)
-    ref_logits, ref_reads, ref_final = expected(model, tokens, native, **edits)
-    assert_close(reads, ref_reads)
-    assert_close(final, ref_final)
-    assert_close(logits, ref_logits, tol=1e-4)
-    return logits
 
 
 CELLS = [(0, 5, 1), (0, 40, 6), (1, 64, 0), (1, 65, 5), (0, 82, 3)]  # (batch, pos, head), several per row

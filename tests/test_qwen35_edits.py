@@ -3,14 +3,12 @@
 import pytest
 import torch
 
+from edit_checks import FACTORS, EditChecks, assert_close
 from naive_recurrence import naive_edited_layer
 
 LAYER = 1  # a recurrent layer of the "gqa_nonsquare" config (layers 0-2 recurrent, 3 attention)
-FACTORS = ("hook_read_q", "hook_write_k", "hook_write_v", "hook_write_beta", "hook_decay")
-
-
-def mixer(name):
-    return f"blocks.{LAYER}.mixer.{name}"
+_checks = EditChecks(LAYER, delta_rule=True)
+mixer, run_edited, expected, check = _checks.mixer, _checks.run_edited, _checks.expected, _checks.check
 
 
 @pytest.fixture(scope="module")
@@ -21,41 +19,6 @@ def setup(qwen35_pair):
         logits, cache = model.run_with_cache(tokens, names_filter=[mixer(n) for n in FACTORS])
     native = {n: cache[mixer(n)] for n in FACTORS}
     return model, tokens, logits, native
-
-
-def run_edited(model, tokens, hooks):
-    """Logits, reads and final state of layer LAYER in an edited run."""
-    cache = model.empty_cache()
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        logits, acts = model.run_with_cache(tokens, names_filter=[mixer("hook_read")], cache=cache)
-    return logits, acts[mixer("hook_read")], cache.recurrent_state(LAYER)
-
-
-def expected(model, tokens, native, **edits):
-    """The naive reference's reads, and the logits of a run whose only change is those reads at LAYER."""
-    reads, final, _ = naive_edited_layer(
-        native["hook_read_q"], native["hook_write_k"], native["hook_write_v"], native["hook_write_beta"],
-        native["hook_decay"], **edits,
-    )
-    reads32 = reads.float()
-    with torch.no_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(mixer("hook_read"), lambda x, hook: reads32)])
-    return logits, reads, final
-
-
-def assert_close(ours, ref, tol=1e-5):
-    ref = ref.to(ours.dtype)
-    err = (ours - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
-    assert err.item() <= tol, f"relative error {err.item():.2e}"
-
-
-def check(model, tokens, native, hooks, **edits):
-    logits, reads, final = run_edited(model, tokens, hooks)
-    ref_logits, ref_reads, ref_final = expected(model, tokens, native, **edits)
-    assert_close(reads, ref_reads)
-    assert_close(final, ref_final)
-    assert_close(logits, ref_logits, tol=1e-4)
-    return logits
 
 
 CELLS = [(0, 5, 1), (0, 40, 3), (1, 64, 0), (1, 65, 2), (0, 82, 1)]  # (batch, pos, head), several per row
