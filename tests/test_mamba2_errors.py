@@ -12,7 +12,7 @@ LAYER = 1
 
 
 @pytest.fixture(scope="module")
-def model(mamba2_pair):  # noqa: F811
+def model(mamba2_pair):
     return mamba2_pair[1]
 
 
@@ -91,7 +91,7 @@ def test_missing_folder_and_file(tmp_path):
         HookedMamba2.from_pretrained(tmp_path / "weights.bin")
 
 
-def test_checkpoint_with_missing_and_unexpected_keys(mamba2_folders, tmp_path):  # noqa: F811
+def test_checkpoint_with_missing_and_unexpected_keys(mamba2_folders, tmp_path):
     from safetensors.torch import load_file, save_file
 
     source = mamba2_folders["head_per_group"]
@@ -109,7 +109,7 @@ def test_checkpoint_with_missing_and_unexpected_keys(mamba2_folders, tmp_path): 
     assert "blocks.0.mixer.D" in message and "mixer.surprise" in message and "mixer.conv1d.bias" in message
 
 
-def test_checkpoint_with_wrong_shape(mamba2_folders, tmp_path):  # noqa: F811
+def test_checkpoint_with_wrong_shape(mamba2_folders, tmp_path):
     source = mamba2_folders["head_per_group"]
     target = tmp_path / "reshaped"
     target.mkdir()

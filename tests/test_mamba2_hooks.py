@@ -11,7 +11,7 @@ FACTORS = ("hook_write_k", "hook_write_v", "hook_write_beta", "hook_decay", "hoo
 
 
 @pytest.fixture(scope="module")
-def model(mamba2_pair):  # noqa: F811
+def model(mamba2_pair):
     return mamba2_pair[1]
 
 
@@ -88,7 +88,7 @@ def test_heads_share_their_group_B_and_C(model, full_cache):
         assert not torch.equal(x[:, :, 0], x[:, :, per_group])
 
 
-def test_factors_match_transformers_projections(mamba2_pair, tokens, full_cache):  # noqa: F811
+def test_factors_match_transformers_projections(mamba2_pair, tokens, full_cache):
     """dt (after softplus and the clamp) and the gate z are what transformers computes from its in_proj, and the
     SSM output y = read + skip is the input of its gated norm."""
     hf, model = mamba2_pair
@@ -115,7 +115,7 @@ def test_factors_match_transformers_projections(mamba2_pair, tokens, full_cache)
     assert rel(full_cache[m + "hook_gate"].flatten(-2), gate) <= 1e-6
 
 
-def test_time_step_limit_clamps_the_write_strength(mamba2_folders):  # noqa: F811
+def test_time_step_limit_clamps_the_write_strength(mamba2_folders):
     from writesae_lens.adapters.mamba2 import HookedMamba2
 
     model = HookedMamba2.from_pretrained(mamba2_folders["biased_clamped_tied"])
@@ -185,7 +185,7 @@ def test_prefix_then_continue_equals_full_run(model, tokens):
     assert cache.recurrent_state(LAYER).shape == (2, model.cfg.n_heads, model.cfg.d_k, model.cfg.d_v)
 
 
-def test_prefix_then_continue_with_clamped_time_steps(mamba2_folders):  # noqa: F811
+def test_prefix_then_continue_with_clamped_time_steps(mamba2_folders):
     """The clamp applies to single-token steps too (transformers' own decoding step skips it; see docs/hooks.md)."""
     from writesae_lens.adapters.mamba2 import HookedMamba2
 

@@ -15,7 +15,7 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_logits_and_residuals_match_transformers(mamba2_folders, name):  # noqa: F811
+def test_logits_and_residuals_match_transformers(mamba2_folders, name):
     folder = mamba2_folders[name]
     hf = Mamba2ForCausalLM.from_pretrained(folder).eval()
     model = HookedMamba2.from_pretrained(folder).eval()
@@ -29,7 +29,7 @@ def test_logits_and_residuals_match_transformers(mamba2_folders, name):  # noqa:
         assert rel_err(cache[f"blocks.{layer}.hook_resid_post"], ref.hidden_states[layer]) < TOL, f"layer {layer}"
 
 
-def test_config_fields(mamba2_folders):  # noqa: F811
+def test_config_fields(mamba2_folders):
     cfg = HookedMamba2.from_pretrained(mamba2_folders["grouped_nonsquare"]).cfg
     assert (cfg.n_heads, cfg.n_groups, cfg.d_k, cfg.d_v) == (8, 2, 8, 12)
     assert (cfg.n_layers, cfg.d_model, cfg.d_vocab, cfg.d_inner, cfg.conv_dim) == (3, 48, 101, 96, 96 + 2 * 2 * 8)
@@ -38,7 +38,7 @@ def test_config_fields(mamba2_folders):  # noqa: F811
     assert other.time_step_limit == (0.3, 1.2) and other.tie_word_embeddings and not other.residual_in_fp32
 
 
-def test_tied_checkpoint_has_no_lm_head(mamba2_folders):  # noqa: F811
+def test_tied_checkpoint_has_no_lm_head(mamba2_folders):
     from safetensors import safe_open
 
     with safe_open(str(mamba2_folders["biased_clamped_tied"] / "model.safetensors"), framework="pt") as f:
@@ -47,7 +47,7 @@ def test_tied_checkpoint_has_no_lm_head(mamba2_folders):  # noqa: F811
     assert torch.equal(model.W_U, model.W_E.T)
 
 
-def test_greedy_generation_matches_transformers(mamba2_pair):  # noqa: F811
+def test_greedy_generation_matches_transformers(mamba2_pair):
     hf, model = mamba2_pair
     prompt = torch.tensor([[5, 17, 33, 2, 8, 71, 9]])
     with torch.no_grad():
@@ -58,7 +58,7 @@ def test_greedy_generation_matches_transformers(mamba2_pair):  # noqa: F811
     assert torch.equal(ours, ref)
 
 
-def test_generation_without_cache_equals_with_cache(mamba2_pair):  # noqa: F811
+def test_generation_without_cache_equals_with_cache(mamba2_pair):
     _, model = mamba2_pair
     prompt = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
     cached = model.generate(prompt, max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False)
@@ -67,7 +67,7 @@ def test_generation_without_cache_equals_with_cache(mamba2_pair):  # noqa: F811
     assert torch.equal(cached, uncached)
 
 
-def test_cache_matches_transformers_states(mamba2_pair):  # noqa: F811
+def test_cache_matches_transformers_states(mamba2_pair):
     """Our state is the transpose of transformers' [batch, head, head_dim, d_state]; our conv history holds its last
     kernel - 1 inputs (transformers keeps kernel)."""
     hf, model = mamba2_pair
@@ -83,7 +83,7 @@ def test_cache_matches_transformers_states(mamba2_pair):  # noqa: F811
         assert rel_err(cache.layers[layer]["conv"], out.cache.get_conv_state(layer)[..., 1:]) <= 1e-5
 
 
-def test_from_hf_model_and_bf16(mamba2_pair):  # noqa: F811
+def test_from_hf_model_and_bf16(mamba2_pair):
     hf, model = mamba2_pair
     converted = HookedMamba2.from_hf_model(hf)
     tokens = torch.randint(0, 100, (1, 70), generator=torch.Generator().manual_seed(4))
@@ -97,7 +97,7 @@ def test_from_hf_model_and_bf16(mamba2_pair):  # noqa: F811
     assert rel_err(low.float(), full) < 0.1  # bf16 weights: coarse agreement, and no crash in the fp32 recurrence
 
 
-def test_loss_return_types(mamba2_pair):  # noqa: F811
+def test_loss_return_types(mamba2_pair):
     hf, model = mamba2_pair
     tokens = torch.randint(0, 100, (2, 30), generator=torch.Generator().manual_seed(5))
     logits, loss = model(tokens, return_type="both")
