@@ -62,3 +62,11 @@ def _locate(cwd: Path, site_dir: Path) -> list[str]:
             "print(u.find_spec('writesae_lens.adapters.qwen35').origin); print(u.find_spec('adapters'))")
     return subprocess.run([sys.executable, "-S", "-c", code, str(site_dir)], cwd=cwd, capture_output=True, text=True,
                           check=True).stdout.split()
+
+
+def test_wheel_ships_the_data(tmp_path):
+    names = zipfile.ZipFile(_build_wheel(tmp_path / "dist")).namelist()
+    for name in ("writesae_lens/data/heldout_eval.txt", "writesae_lens/data/tokenizer/tokenizer.json",
+                 "writesae_lens/data/models/MODEL_CARD.md", "writesae_lens/data/models/qwen35-tiny/model.safetensors",
+                 "writesae_lens/data/models/mamba2-tiny/config.json"):
+        assert name in names, name
