@@ -4,6 +4,9 @@ import datasets
 import pytest
 import torch
 from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens.evals import EvalConfig, run_evals
+from sae_lens.training.activation_scaler import ActivationScaler
+from sae_lens.training.activations_store import ActivationsStore
 
 import writesae_lens.saes as ws
 from writesae_lens.adapters.qwen35 import HookedQwen35
@@ -66,6 +69,17 @@ def test_runner_trains_saves_loads_and_evaluates(model, documents, tmp_path):
     assert loaded.cfg.metadata.hook_name == HOOK and loaded.cfg.metadata.hook_head_index == HEAD
     with torch.no_grad():
         assert torch.equal(loaded.decode(loaded.encode(states)), sae.decode(sae.encode(states)))
+
+    # SAELens' own evals: its sparsity and variance metrics run on the hook_state SAE unchanged (its reconstruction
+    # splice cannot: see docs/saes.md; evaluate_state_sae below gives those metrics with a head-aware splice)
+    store = ActivationsStore.from_sae(model, loaded, context_size=CONTEXT, dataset=datasets.Dataset.from_dict(
+        {"text": documents[-24:]}), store_batch_size_prompts=4, train_batch_size_tokens=256, n_batches_in_buffer=4,
+        device="cpu")
+    config = EvalConfig(n_eval_sparsity_variance_batches=2, compute_sparsity_metrics=True,
+                        compute_variance_metrics=True, compute_l2_norms=True)
+    sae_lens_metrics, _ = run_evals(loaded, store, model, ActivationScaler(), config, exclude_special_tokens=False)
+    assert sae_lens_metrics["sparsity"]["l0"] <= 8
+    assert abs(sae_lens_metrics["reconstruction_quality"]["explained_variance"] - after) < 0.15
 
     metrics = evaluate_state_sae(model, loaded, tokens)
     assert abs(metrics["explained_variance"] - after) < 0.05
