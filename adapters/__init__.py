@@ -11,6 +11,8 @@ _FAMILIES = {
     "HookedQwen35Config": ".qwen35",
     "HookedMamba2": ".mamba2",
     "HookedMamba2Config": ".mamba2",
+    "HookedRWKV7": ".rwkv7",
+    "HookedRWKV7Config": ".rwkv7",
 }
 
 __all__ = sorted(_FAMILIES)

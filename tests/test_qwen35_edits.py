@@ -223,3 +223,21 @@ def test_edits_stay_active_during_generation(setup):
     assert torch.equal(edited, uncached)
     assert not torch.equal(edited, plain)
     assert 1 in calls and 6 in calls  # the prompt once, then one position per decoding step
+
+
+def test_in_place_state_edit_under_inference_mode(setup):
+    """Inference tensors keep no version counter: the edit must still be seen (``generate`` runs in this mode)."""
+    model, tokens, _, native = setup
+    d_k, d_v = native["hook_write_k"].shape[-1], native["hook_write_v"].shape[-1]
+    gen = torch.Generator().manual_seed(19)
+    sets = {cell: torch.randn(d_k, d_v, generator=gen) for cell in CELLS[:2]}
+
+    def replace_in_place(states, hook):
+        for (b, t, h), m in sets.items():
+            states[b, t, h] = m.flatten()
+
+    with torch.inference_mode():
+        _, reads, final = run_edited(model, tokens, [(mixer("hook_state"), replace_in_place)])
+    ref_reads, ref_final, _ = naive_edited_layer(*(native[n] for n in FACTORS), state_sets=sets)
+    assert_close(reads, ref_reads)
+    assert_close(final, ref_final)

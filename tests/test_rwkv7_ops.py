@@ -93,6 +93,12 @@ def test_matches_fla_naive_dplr_recurrence():
     for ours in (dplr_reference(scaled, k, v, w, ea, eb, s0), dplr_chunked(scaled, k, v, w, ea, eb, s0)):
         close(ours[0], fla_out, 1e-5)
         close(ours[1], fla_state, 1e-5)
+    # fla's chunkwise reference too (it needs a length that is a multiple of its chunk size)
+    chunk_out, chunk_state = fla.dplr_chunkwise(*(to_bhtd(x[:, :32]) for x in (r, k, v, -eb, ea, w)),
+                                                initial_state=s0.clone(), chunk_size=16)
+    ours = dplr_chunked(scaled[:, :32], k[:, :32], v[:, :32], w[:, :32], ea[:, :32], eb[:, :32], s0)
+    close(ours[0], chunk_out.transpose(1, 2), 1e-5)
+    close(ours[1], chunk_state, 1e-5)
 
 
 def test_propagated_edits_equal_naive_edited_run():

@@ -14,6 +14,8 @@ _LAZY = {
     "HookedQwen35Config": "writesae_lens.adapters.qwen35",
     "HookedMamba2": "writesae_lens.adapters.mamba2",
     "HookedMamba2Config": "writesae_lens.adapters.mamba2",
+    "HookedRWKV7": "writesae_lens.adapters.rwkv7",
+    "HookedRWKV7Config": "writesae_lens.adapters.rwkv7",
     "RecurrentCache": "writesae_lens.hooking.cache",
 }
 

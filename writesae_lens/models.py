@@ -15,6 +15,7 @@ FAMILIES = {
     "qwen3_5_text": "HookedQwen35",
     "qwen3_5": "HookedQwen35",
     "mamba2": "HookedMamba2",
+    "rwkv7": "HookedRWKV7",
 }
 
 

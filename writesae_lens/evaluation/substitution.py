@@ -37,7 +37,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..interventions import TIMING_HOOKS, atom_matrices, gaussian_rank1, mixer_hook
-from ..ops.gated_delta import recurrence
 from .records import FiringRecord, records_frame
 
 CONDITIONS = ("atom", "delete", "random")
@@ -102,12 +101,15 @@ def head_states(model, tokens: Tensor, layer: int, head: int) -> tuple[Tensor, d
     """States ``[batch, pos, d_k * d_v]`` of one head, from that head's write factors only (no all-head trajectory),
     and the native factors ``k`` [b, p, d_k], ``v`` [b, p, d_v], ``beta`` [b, p], plus ``resid`` [b, p, d_model], the
     residual stream entering the layer."""
-    names = {n: mixer_hook(layer, f"hook_{n}") for n in ("write_k", "write_v", "write_beta", "decay")}
+    mixer = model.blocks[layer].mixer
+    extras = mixer.transition_factor_names  # e.g. RWKV-7's erase factors
+    names = {n: mixer_hook(layer, f"hook_{n}") for n in ("write_k", "write_v", "write_beta", "decay", *extras)}
     names["resid"] = f"blocks.{layer}.hook_resid_pre"
     _, cache = model.run_with_cache(tokens, names_filter=list(names.values()), stop_at_layer=layer + 1)
-    k, v, beta, g = (cache[names[n]][:, :, head : head + 1].float() for n in ("write_k", "write_v", "write_beta", "decay"))
-    erase = beta if model.blocks[layer].mixer.delta_rule else None
-    _, _, trajectory = recurrence(k, k, beta[..., None] * v, g, erase, return_trajectory=True)
+    head_of = {n: cache[names[n]][:, :, head : head + 1].float() for n in names if n != "resid"}
+    k, v, beta = head_of["write_k"], head_of["write_v"], head_of["write_beta"]
+    transition = mixer._transition(k, beta, head_of["decay"], {n: head_of[n] for n in extras})
+    _, _, trajectory = mixer._recurrence(k, k, beta[..., None] * v, transition, None, return_trajectory=True)
     factors = {"k": k[:, :, 0], "v": v[:, :, 0], "beta": beta[:, :, 0], "resid": cache[names["resid"]]}
     return trajectory[:, :, 0].flatten(-2), factors
 

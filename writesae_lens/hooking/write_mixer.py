@@ -80,9 +80,10 @@ class MatrixWriteMixer(nn.Module):
         write_k: Tensor,  # [batch, pos, head, d_k]
         write_v: Tensor,  # [batch, pos, head, d_v]
         write_beta: Tensor,  # [batch, pos, head]
-        log_decay: Tensor,  # [batch, pos, head]
+        log_decay: Tensor,  # [batch, pos, head] (or per key channel, [batch, pos, head, d_k], for DPLR mixers)
         initial_state: Tensor | None,  # [batch, head, d_k, d_v]
         state_positions: Tensor | None = None,  # [n_sel]
+        **transition_factors: Tensor,  # a family's extra transition factors, each shown to hook_{name}
     ):
         """Apply the write hooks, run the recurrence with every edit, return (reads [b, p, h, d_v], final state),
         and with ``state_positions`` also the unedited states there ``[b, n_sel, h, d_k, d_v]`` (cache snapshots)."""
@@ -95,19 +96,22 @@ class MatrixWriteMixer(nn.Module):
         value = _hooked(self.hook_write_v, write_v)
         beta = _hooked(self.hook_write_beta, write_beta)
         log_decay = _hooked(self.hook_decay, log_decay)
+        extras = {name: _hooked(getattr(self, f"hook_{name}"), f) for name, f in transition_factors.items()}
         query = _hooked(self.hook_read_q, read_q)
-        erase = native_beta if self.delta_rule else None
+        transition = self._transition(native_k, native_beta, log_decay, extras)
 
-        # The write k u^T with u = beta v. Where the key itself was edited the write leaves the key of the
-        # transition, so it is removed from the chunked run and re-added as an exact sparse edit.
+        # The write k u^T with u = beta v. Where the transition erases along the write key (the delta rule) and the
+        # key itself was edited, the write leaves the transition's key: it is removed from the chunked run and
+        # re-added as an exact sparse edit.
         write_value = beta.float()[..., None] * value.float()
         key_edits = None
-        if key is not native_k:
+        if self.write_key_in_transition and key is not native_k:
             moved = (key != native_k).any(-1)  # [batch, pos, head]
             if bool(moved.any()):
                 b, p, h = moved.nonzero(as_tuple=True)
                 key_edits = StateEdits.build(b, p, h, key[b, p, h].float()[:, :, None] * write_value[b, p, h][:, None, :])
                 write_value = write_value.masked_fill(moved[..., None], 0.0)
+            key = native_k
 
         shape5 = (batch, n_pos, n_heads, d_k, d_v)
         added = _sparse_edits(self.hook_write_add, shape5, after_read=False, device=write_k.device)
@@ -118,37 +122,55 @@ class MatrixWriteMixer(nn.Module):
                 validate_edits(e, batch, n_pos, n_heads, d_k, d_v)
 
         want_states = self.hook_state.has_hooks()
-        run_base = lambda trajectory: recurrence(  # noqa: E731
-            query, native_k, write_value, log_decay, erase, initial_state, return_trajectory=trajectory
-        )
         if state_positions is not None:
             if edits is not None or want_states:
                 raise ValueError("cache snapshots are taken on an unedited pass: remove this layer's edit hooks")
-            reads, final, picked = recurrence(query, native_k, write_value, log_decay, erase, initial_state,
-                                              state_positions=state_positions)
+            reads, final, picked = self._recurrence(query, key, write_value, transition, initial_state,
+                                                    state_positions=state_positions)
             return _hooked(self.hook_read, reads), final, picked
+        run_base = lambda trajectory: self._recurrence(  # noqa: E731
+            query, key, write_value, transition, initial_state, return_trajectory=trajectory
+        )
         reads, final, base_traj = run_base(want_states)
         if want_states:
-            rebuild_base = lambda: run_base(True)[2]  # noqa: E731
-            edits = self._apply_state_hook(query, native_k, log_decay, erase, edits, base_traj, rebuild_base)
+            edits = self._apply_state_hook(query, transition, edits, base_traj, lambda: run_base(True)[2])
         if edits is not None:
-            read_delta, final_delta, _ = propagate_edits(query, native_k, log_decay, erase, edits)
+            read_delta, final_delta, _ = self._propagate(query, transition, edits)
             reads = reads + read_delta
             final = final + final_delta
         reads = _hooked(self.hook_read, reads)
         return reads, final
 
-    def recur_with_cache(self, read_q, write_k, write_v, write_beta, log_decay, layer_cache: dict | None) -> Tensor:
+    # ---- the family's recurrence: Gated DeltaNet and Mamba-2 here, overridden by DPLRWriteMixer ----------------
+    write_key_in_transition = True  # the chunked recurrence writes along the key its transition erases along
+    transition_factor_names: tuple[str, ...] = ()  # extra transition factors, each with a hook point hook_{name}
+
+    def _transition(self, native_k: Tensor, native_beta: Tensor, log_decay: Tensor, extras: dict) -> tuple:
+        """The transition's factors: (log decay, erase key, erase strength or None)."""
+        return log_decay, native_k, (native_beta if self.delta_rule else None)
+
+    def _recurrence(self, query, key, write_value, transition, initial_state, return_trajectory=False,
+                    state_positions=None):
+        log_decay, _, erase = transition
+        return recurrence(query, key, write_value, log_decay, erase, initial_state,
+                          return_trajectory=return_trajectory, state_positions=state_positions)
+
+    def _propagate(self, query, transition, edits, return_trajectory=False):
+        log_decay, erase_key, erase = transition
+        return propagate_edits(query, erase_key, log_decay, erase, edits, return_trajectory=return_trajectory)
+
+    def recur_with_cache(self, read_q, write_k, write_v, write_beta, log_decay, layer_cache: dict | None,
+                         **transition_factors) -> Tensor:
         """``run_recurrence`` from the cached state, storing the final state back (and, when the cache requests
         snapshots, the states before each requested position: ``layer_cache["snapshots"]["state"]``
         [batch, n_sel, head, d_k, d_v], position 0 being the state the call started from). Returns the reads."""
         initial = layer_cache.get("state") if layer_cache is not None else None
         snapshot_at = layer_cache.get("snapshot_at") if layer_cache is not None else None
+        factors = (read_q, write_k, write_v, write_beta, log_decay, initial)
         if snapshot_at is None:
-            reads, final = self.run_recurrence(read_q, write_k, write_v, write_beta, log_decay, initial)
+            reads, final = self.run_recurrence(*factors, **transition_factors)
         else:
-            reads, final, picked = self.run_recurrence(read_q, write_k, write_v, write_beta, log_decay, initial,
-                                                       (snapshot_at - 1).clamp(min=0))
+            reads, final, picked = self.run_recurrence(*factors, (snapshot_at - 1).clamp(min=0), **transition_factors)
             start = initial if initial is not None else torch.zeros_like(final)
             at_start = (snapshot_at == 0).to(picked.device)[None, :, None, None, None]
             layer_cache.setdefault("snapshots", {})["state"] = torch.where(at_start, start[:, None], picked)
@@ -157,7 +179,7 @@ class MatrixWriteMixer(nn.Module):
             layer_cache["state"] = final
         return reads
 
-    def _apply_state_hook(self, query, key, log_decay, erase, edits, base_traj, rebuild_base) -> StateEdits | None:
+    def _apply_state_hook(self, query, transition, edits, base_traj, rebuild_base) -> StateEdits | None:
         """Show ``hook_state`` the states the reads see; turn the cells its hooks change into assign edits.
 
         No copy of the trajectory is kept for the comparison: a hook that returns a new tensor leaves the shown one
@@ -168,11 +190,13 @@ class MatrixWriteMixer(nn.Module):
         batch, n_pos, n_heads, d_k, d_v = base_traj.shape
         correction = None
         if edits is not None:
-            correction = propagate_edits(query, key, log_decay, erase, edits, return_trajectory=True)[2]
+            correction = self._propagate(query, transition, edits, return_trajectory=True)[2]
         shown = base_traj if correction is None else base_traj + correction
         flat = shown.reshape(batch, n_pos, n_heads, d_k * d_v)
         if flat.is_inference():  # inference tensors keep no version counter: compare against a copy instead
             shown = shown.clone()
+            if correction is None:  # flat is a view of base_traj, which an in-place hook would overwrite
+                base_traj = shown
             version = None
         else:
             version = flat._version

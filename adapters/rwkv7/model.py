@@ -1,0 +1,107 @@
+"""``HookedRWKV7``: flash-linear-attention ``RWKV7ForCausalLM`` checkpoints (model_type ``rwkv7``) as a
+transformer_lens HookedRootModule, in pure torch (fla itself needs triton; it is the parity oracle of the golden
+fixture, ``scripts/make_rwkv7_fixture.py``).
+
+    model = HookedRWKV7.from_pretrained("path/to/rwkv7-checkpoint")
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda n: "mixer.hook_" in n)
+
+``hook_embed`` is the embedding after layer 0's ``pre_norm`` (fla normalises the embeddings once before the first
+block), so ``hook_embed == blocks.0.hook_resid_pre`` as in every family. Layers after the first read layer 0's value
+(v-first) from the same call: ``start_at_layer > 0`` is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from writesae_lens.hooking.components import Unembed
+from writesae_lens.hooking.loading import (
+    convert_state_dict,
+    load_checkpoint_tensors,
+    resolve_folder,
+    try_load_tokenizer,
+)
+from writesae_lens.hooking.root import HookedRecurrentLM
+
+from .config import HookedRWKV7Config, check_model_type
+from .layers import LayerNorm, RWKV7Block, VFirst
+from .weights import our_name
+
+
+class NormedEmbed(nn.Module):
+    """``pre_norm(W_E[tokens])``: fla's layer-0 ``pre_norm`` applied to the embeddings."""
+
+    def __init__(self, cfg: HookedRWKV7Config) -> None:
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.ln0 = LayerNorm(cfg.d_model, cfg.eps, cfg.norm_bias)
+
+    def forward(self, tokens: Tensor) -> Tensor:  # [batch, pos] -> [batch, pos, d_model]
+        return self.ln0(F.embedding(tokens, self.W_E))
+
+
+class HookedRWKV7(HookedRecurrentLM):
+    """Hooks: ``hook_embed``; per block ``blocks.{l}.hook_resid_pre|hook_mixer_out|hook_resid_mid|hook_mlp_out|
+    hook_resid_post``, ``blocks.{l}.ln1|ln2.hook_scale|hook_normalized``, ``blocks.{l}.mlp.hook_pre|hook_post`` and the
+    mixer's ``blocks.{l}.mixer.*`` (the DPLR write interface plus ``hook_v_first`` (layer 0), ``hook_bonus``,
+    ``hook_gate``); ``ln_final.hook_scale|hook_normalized``."""
+
+    def __init__(self, cfg: HookedRWKV7Config, tokenizer=None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self._v_first = VFirst()
+        self.embed = NormedEmbed(cfg)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.blocks = nn.ModuleList([RWKV7Block(cfg, layer, self._v_first) for layer in range(cfg.n_layers)])
+        self.ln_final = LayerNorm(cfg.d_model, cfg.eps, cfg.norm_bias)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+        self.setup()
+
+    def forward(self, *args, **kwargs):
+        if kwargs.get("start_at_layer") not in (None, 0):
+            raise ValueError("RWKV-7 cannot start at a later layer: every layer reads layer 0's value (v-first)")
+        self._v_first.value = None
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._v_first.value = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path, device=None, dtype: torch.dtype = torch.float32, tokenizer=None,
+                        load_tokenizer: bool = True) -> "HookedRWKV7":
+        """Load a local fla RWKV-7 checkpoint folder (``config.json`` with model_type ``rwkv7`` + safetensors) or a hub
+        id. The config is read as JSON: transformers' AutoConfig does not know ``rwkv7`` without fla."""
+        folder = resolve_folder(name_or_path)
+        config_file = Path(folder) / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"no config.json in {folder}; pass an fla RWKV-7 checkpoint folder")
+        hf_config = json.loads(config_file.read_text())
+        cls._check_hf_config(hf_config)
+        if tokenizer is None and load_tokenizer:
+            tokenizer = try_load_tokenizer(folder)
+        model = cls._from_config_and_weights(hf_config, load_checkpoint_tensors(folder), device, dtype, tokenizer)
+        model.cfg.model_name = str(name_or_path)
+        return model
+
+    @classmethod
+    def _check_hf_config(cls, hf_config) -> None:
+        check_model_type(SimpleNamespace(**hf_config) if isinstance(hf_config, dict) else hf_config)
+
+    @classmethod
+    def _from_config_and_weights(cls, hf_config, hf_state, device, dtype, tokenizer) -> "HookedRWKV7":
+        device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cfg = HookedRWKV7Config.from_hf_config(hf_config, device=device, dtype=dtype)
+        with torch.device("meta"):
+            model = cls(cfg, tokenizer)
+        weights = convert_state_dict(hf_state, model.state_dict(), our_name, cfg.tie_word_embeddings, "RWKV-7")
+        model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
+        return model.to(device)

@@ -1,0 +1,322 @@
+"""The diagonal-plus-low-rank (DPLR) matrix recurrence of RWKV-7, in two implementations that must agree.
+
+One head keeps a state ``S`` of shape ``[d_k, d_v]`` (key axis first, as fla's caches store it). At each token ``t``
+the state is moved by a per-key-channel decay plus a rank-1 erase, and receives an additive write:
+
+    S_t = (diag(exp(w_t)) - ea_t eb_t^T) S_{t-1} + k_t u_t^T          (recurrence)
+    o_t = S_t^T q_t                                                   (read, after the write)
+
+``w_t`` is the log decay per key channel ``[d_k]``; ``ea_t``, ``eb_t`` are the erase factors ``[d_k]``: the erase
+reads the state along ``eb_t`` (``x_t = S_{t-1}^T eb_t``, the value the state recalls) and removes ``x_t`` along
+``ea_t``. Note that the erase acts on the *undecayed* previous state.
+
+How fla's RWKV-7 maps onto it (``fla/layers/rwkv7.py``, fla 0.6.0): the layer calls
+``chunk_rwkv7(r, w, k, v, a=-kk, b=kk * a, scale=1.)``, i.e. ``chunk_dplr_delta_rule`` whose reference
+(``fla/ops/generalized_delta_rule/dplr/naive.py``, ``dplr_recurrence(q, k, v, alpha, beta, gk)``) is
+
+    S_t = exp(gk_t) * S_{t-1} + beta_t (alpha_t^T S_{t-1}) + k_t v_t^T,      o_t = S_t^T (q_t * scale)
+
+so ``ea = kk * a`` (fla's ``beta``, the in-context learning rate ``a`` times the normalised erase key),
+``eb = kk`` (fla's ``alpha`` is ``-eb``), ``w = -0.6065 * sigmoid(w_lora(x))`` and ``u = v``. RWKV-7 layers read with
+``scale = 1``: ``q = r`` unscaled. (fla's ``dplr_recurrence`` itself always scales q by ``d_k^-1/2``; its chunked and
+fused kernels take ``scale``, which the RWKV-7 layer sets to 1.) The fused recurrent kernel
+(``fused_mul_recurrent_rwkv7``) computes ``h = exp(w) h + (kk a) (-kk^T h); h += k v^T; o = h^T r`` — the same form.
+
+Keeping the write value ``u`` separate from the transition is what lets an edit change the write without touching the
+transition (the paper's "native write" is ``k_t u_t^T``; relative to the decayed state the additive change is that
+rank-1 write plus the rank-1 erase ``-ea_t x_t^T``).
+
+``dplr_reference`` is the token-by-token truth; ``dplr_chunked`` the chunked algorithm (a WY-style solve of the
+recalled values per chunk). Both return (reads, final state, trajectory or selected states or None), like
+``writesae_lens.ops.gated_delta``. ``propagate_dplr_edits`` is ``writesae_lens.ops.state_edits.propagate_edits`` for
+this transition.
+
+Tensor layout everywhere: ``[batch, pos, head, ...]`` like the hooks; states are ``[batch, head, d_k, d_v]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .state_edits import StateEdits
+
+DEFAULT_CHUNK_SIZE = 16  # the pairwise decays are [chunk, chunk, d_k] per chunk and head
+
+
+def dplr_reference(
+    query: Float[Tensor, "batch pos head d_k"],
+    key: Float[Tensor, "batch pos head d_k"],
+    write_value: Float[Tensor, "batch pos head d_v"],
+    log_decay: Float[Tensor, "batch pos head d_k"],
+    erase_a: Float[Tensor, "batch pos head d_k"],
+    erase_b: Float[Tensor, "batch pos head d_k"],
+    initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
+    return_trajectory: bool = False,
+    state_positions: Int[Tensor, " n_sel"] | None = None,
+) -> tuple[
+    Float[Tensor, "batch pos head d_v"],
+    Float[Tensor, "batch head d_k d_v"],
+    Float[Tensor, "batch _ head d_k d_v"] | None,
+]:
+    """Token-by-token recurrence in fp32: returns (reads, final state, states).
+
+    The third output is the whole trajectory ``[batch, pos, head, d_k, d_v]`` (``S_t`` after the write at t) with
+    ``return_trajectory``, only the states at ``state_positions`` ``[batch, n_sel, head, d_k, d_v]`` when those are
+    given, else None.
+    """
+    batch, n_pos, n_heads, d_k = key.shape
+    d_v = write_value.shape[-1]
+    state = _initial_state(initial_state, batch, n_heads, d_k, d_v, key.device)
+    keep = return_trajectory or state_positions is not None
+    reads = torch.zeros(batch, n_pos, n_heads, d_v, device=key.device)
+    trajectory = torch.zeros(batch, n_pos, n_heads, d_k, d_v, device=key.device) if keep else None
+    for t in range(n_pos):
+        q_t, k_t, u_t, w_t, a_t, b_t = (x[:, t].float() for x in (query, key, write_value, log_decay, erase_a, erase_b))
+        recalled = torch.einsum("bhkv,bhk->bhv", state, b_t)  # x_t = S_{t-1}^T eb_t
+        state = state * w_t.exp()[..., None] - a_t[..., :, None] * recalled[..., None, :]  # transition
+        state = state + k_t[..., :, None] * u_t[..., None, :]  # write
+        reads[:, t] = torch.einsum("bhkv,bhk->bhv", state, q_t)
+        if keep:
+            trajectory[:, t] = state
+    if state_positions is not None:
+        trajectory = trajectory[:, state_positions.to(key.device).long()]
+    return reads, state, trajectory
+
+
+def dplr_chunked(
+    query: Float[Tensor, "batch pos head d_k"],
+    key: Float[Tensor, "batch pos head d_k"],
+    write_value: Float[Tensor, "batch pos head d_v"],
+    log_decay: Float[Tensor, "batch pos head d_k"],
+    erase_a: Float[Tensor, "batch pos head d_k"],
+    erase_b: Float[Tensor, "batch pos head d_k"],
+    initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
+    return_trajectory: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    state_positions: Int[Tensor, " n_sel"] | None = None,
+) -> tuple[
+    Float[Tensor, "batch pos head d_v"],
+    Float[Tensor, "batch head d_k d_v"],
+    Float[Tensor, "batch _ head d_k d_v"] | None,
+]:
+    """Same contract as ``dplr_reference``, computed chunk by chunk in fp32.
+
+    Inside a chunk with start state ``S`` and cumulative log decay ``G_i = sum_{j<=i} w_j`` (per key channel;
+    ``E_i = G_i - w_i`` the exclusive sum), the recalled values ``x_i = S_{i-1}^T eb_i`` satisfy
+
+        x_i = S^T (exp(E_i) * eb_i) + sum_{j<i} <eb_i, k_j>_{E_i - G_j} u_j - sum_{j<i} <eb_i, ea_j>_{E_i - G_j} x_j
+
+    with ``<x, y>_D = sum_d x_d y_d exp(D_d)``: a unit-lower-triangular system, solved once per chunk as
+    ``X = Wt S + Ut``. Reads and the next chunk's start state follow in closed form:
+
+        o_i   = S^T (exp(G_i) * q_i) + sum_{j<=i} (<q_i, k_j>_{G_i - G_j} u_j - <q_i, ea_j>_{G_i - G_j} x_j)
+        S_end = exp(G_last) * S + sum_j exp(G_last - G_j) * (k_j u_j^T - ea_j x_j^T)
+
+    Every pairwise exponent is a sum of log decays over positions inside the chunk (never a ratio of two cumulative
+    products), so nothing overflows for non-positive decays of any strength (as edits may set). The trajectory, when
+    asked for, is one pass over the chunk positions (all chunks at once) once the x are known; selected states are
+    taken from it (so ``state_positions`` costs a trajectory here, unlike ``gated_delta``).
+    """
+    batch, n_pos, n_heads, d_k = key.shape
+    d_v = write_value.shape[-1]
+    state = _initial_state(initial_state, batch, n_heads, d_k, d_v, key.device)
+    if n_pos == 0:
+        return dplr_reference(query, key, write_value, log_decay, erase_a, erase_b, state, return_trajectory,
+                              state_positions)
+    pad = (-n_pos) % chunk_size
+    n_chunks = (n_pos + pad) // chunk_size
+
+    def chunked(x: Tensor) -> Tensor:
+        # [batch, pos, head, d] -> [batch, head, chunk, chunk_pos, d], fp32, zero-padded at the end
+        x = F.pad(x.float().transpose(1, 2), (0, 0, 0, pad))
+        return x.reshape(batch, n_heads, n_chunks, chunk_size, x.shape[-1])
+
+    q, k, u, w, ea, eb = (chunked(x) for x in (query, key, write_value, log_decay, erase_a, erase_b))
+    cum = w.cumsum(-2)  # G: [b, h, n, C, d_k]
+    exclusive = cum - w  # E
+    idx = torch.arange(chunk_size, device=key.device)
+    upto = (idx[:, None] >= idx[None, :])[..., None]  # j <= i: [C, C, 1]
+    before = (idx[:, None] > idx[None, :])[..., None]  # j < i
+    # pairwise decays exp(G_i - G_j) (j <= i) and exp(E_i - G_j) (j < i), [b, h, n, C, C, d_k]
+    read_decay = (cum[..., :, None, :] - cum[..., None, :, :]).masked_fill(~upto, float("-inf")).exp()
+    recall_decay = (exclusive[..., :, None, :] - cum[..., None, :, :]).masked_fill(~before, float("-inf")).exp()
+
+    pair = lambda x, y, decay: torch.einsum("bhnid,bhnjd,bhnijd->bhnij", x, y, decay)  # noqa: E731
+    inverse = _unit_lower_inverse(pair(eb, ea, recall_decay))  # (I + A_ba)^-1, A_ba strictly lower
+    recall_u = inverse @ (pair(eb, k, recall_decay) @ u)  # Ut
+    recall_s = inverse @ (eb * exclusive.exp())  # Wt
+    read_k, read_a = pair(q, k, read_decay), pair(q, ea, read_decay)  # [b, h, n, C, C]
+    q_decayed = q * cum.exp()
+    to_end = (cum[..., -1:, :] - cum).exp()  # exp(G_last - G_j): [b, h, n, C, d_k]
+    k_end, ea_end = k * to_end, ea * to_end
+    chunk_decay = cum[..., -1, :].exp()[..., None]  # [b, h, n, d_k, 1]
+
+    reads = torch.empty(batch, n_heads, n_chunks, chunk_size, d_v, device=key.device)
+    keep = return_trajectory or state_positions is not None
+    recalled_all = torch.empty_like(reads) if keep else None
+    start_states = []
+    for c in range(n_chunks):
+        recalled = recall_u[:, :, c] + recall_s[:, :, c] @ state  # X: [b, h, C, d_v]
+        reads[:, :, c] = q_decayed[:, :, c] @ state + read_k[:, :, c] @ u[:, :, c] - read_a[:, :, c] @ recalled
+        if keep:
+            recalled_all[:, :, c] = recalled
+            start_states.append(state)
+        state = (state * chunk_decay[:, :, c] + k_end[:, :, c].transpose(-1, -2) @ u[:, :, c]
+                 - ea_end[:, :, c].transpose(-1, -2) @ recalled)
+
+    reads = reads.reshape(batch, n_heads, -1, d_v)[:, :, :n_pos].transpose(1, 2).contiguous()
+    trajectory = None
+    if keep:
+        trajectory = _chunk_trajectories(torch.stack(start_states, dim=2), k, u, w, ea, recalled_all)
+        trajectory = trajectory.reshape(batch, n_chunks * chunk_size, n_heads, d_k, d_v)[:, :n_pos]
+        if state_positions is not None:
+            trajectory = trajectory[:, state_positions.to(key.device).long()]
+    return reads, state, trajectory
+
+
+def _unit_lower_inverse(strictly_lower: Tensor) -> Tensor:
+    """``(I + L)^-1`` for strictly lower-triangular ``L`` ``[..., C, C]`` (the entries on and above the diagonal are
+    zero), by forward substitution one row at a time over all chunks at once (much faster on CPU than batched
+    ``solve_triangular`` for small C)."""
+    chunk = strictly_lower.shape[-1]
+    inverse = torch.eye(chunk, device=strictly_lower.device).expand_as(strictly_lower).clone()
+    for i in range(1, chunk):  # row i of (I + L) X = I: X_i = e_i - L[i, :i] X[:i]
+        inverse[..., i, :] -= (strictly_lower[..., i, None, :i] @ inverse[..., :i, :])[..., 0, :]
+    return inverse
+
+
+def _chunk_trajectories(starts: Tensor, k: Tensor, u: Tensor, w: Tensor, ea: Tensor, recalled: Tensor) -> Tensor:
+    """Every state of every chunk, ``S_i = exp(w_i) S_{i-1} + k_i u_i^T - ea_i x_i^T`` from the chunk's start state
+    (the recalled ``x`` are known, so no solve), as ``[batch, chunk, chunk_pos, head, d_k, d_v]``."""
+    b, h, n, chunk, d_k = k.shape
+    d_v = u.shape[-1]
+    states = torch.empty(b, n, chunk, h, d_k, d_v, device=starts.device)
+    state = starts
+    for i in range(chunk):
+        state = (state * w[..., i, :, None].exp() + k[..., i, :, None] * u[..., i, None, :]
+                 - ea[..., i, :, None] * recalled[..., i, None, :])
+        states[:, :, i] = state.transpose(1, 2)
+    return states
+
+
+def dplr_recurrence(
+    query: Tensor,
+    key: Tensor,
+    write_value: Tensor,
+    log_decay: Tensor,
+    erase_a: Tensor,
+    erase_b: Tensor,
+    initial_state: Tensor | None = None,
+    return_trajectory: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    step_threshold: int = 8,
+    state_positions: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Dispatch: the step loop for a handful of tokens (decoding), the chunked algorithm otherwise."""
+    if key.shape[1] <= step_threshold:
+        return dplr_reference(query, key, write_value, log_decay, erase_a, erase_b, initial_state, return_trajectory,
+                              state_positions)
+    return dplr_chunked(query, key, write_value, log_decay, erase_a, erase_b, initial_state, return_trajectory,
+                        chunk_size, state_positions)
+
+
+def dplr_transition_step(
+    state: Float[Tensor, "batch head d_k d_v"],
+    log_decay: Float[Tensor, "batch head d_k"],
+    erase_a: Float[Tensor, "batch head d_k"],
+    erase_b: Float[Tensor, "batch head d_k"],
+) -> Float[Tensor, "batch head d_k d_v"]:
+    """One transition with no write: ``(diag(exp(w)) - ea eb^T) S``."""
+    recalled = torch.einsum("bhkv,bhk->bhv", state, erase_b.float())
+    return state * log_decay.float().exp()[..., None] - erase_a.float()[..., :, None] * recalled[..., None, :]
+
+
+def propagate_dplr_edits(
+    query: Float[Tensor, "batch pos head d_k"],
+    log_decay: Float[Tensor, "batch pos head d_k"],
+    erase_a: Float[Tensor, "batch pos head d_k"],
+    erase_b: Float[Tensor, "batch pos head d_k"],
+    edits: StateEdits,
+    return_trajectory: bool = False,
+) -> tuple[
+    Float[Tensor, "batch pos head d_v"],
+    Float[Tensor, "batch head d_k d_v"],
+    Float[Tensor, "batch pos head d_k d_v"] | None,
+]:
+    """The correction that ``edits`` make under the DPLR transition: (read corrections, final-state correction,
+    correction trajectory or None). Same semantics and ordering as ``state_edits.propagate_edits``: the recurrence is
+    linear in the state for fixed transitions, so the correction ``D`` obeys ``D_t = (diag(exp(w_t)) - ea_t eb_t^T)
+    D_{t-1}`` between edits; at one position, adds then assigns timed before the read, the read, then adds then
+    assigns timed after it. Rows without edits get exact zeros and cost nothing."""
+    batch, n_pos, n_heads, d_k = query.shape
+    d_v = edits.matrix.shape[-1]
+    device = query.device
+    read_delta = torch.zeros(batch, n_pos, n_heads, d_v, device=device)
+    final_delta = torch.zeros(batch, n_heads, d_k, d_v, device=device)
+    traj_delta = torch.zeros(batch, n_pos, n_heads, d_k, d_v, device=device) if return_trajectory else None
+    if len(edits) == 0:
+        return read_delta, final_delta, traj_delta
+
+    rows = torch.unique(edits.batch)
+    local_row = torch.full((batch,), -1, dtype=torch.long, device=device)
+    local_row[rows] = torch.arange(len(rows), device=device)
+    q, w, ea, eb = (x[rows].float() for x in (query, log_decay, erase_a, erase_b))
+    correction = torch.zeros(len(rows), n_heads, d_k, d_v, device=device)
+    reads = torch.zeros(len(rows), n_pos, n_heads, d_v, device=device)
+    traj = torch.zeros(len(rows), n_pos, n_heads, d_k, d_v, device=device) if return_trajectory else None
+    zero_keys = torch.zeros_like(q)
+
+    def run_gap(start: int, stop: int, state: Tensor) -> Tensor:
+        if stop <= start:
+            return state
+        sl = slice(start, stop)
+        zeros = torch.zeros(len(rows), stop - start, n_heads, d_v, device=device)
+        gap_reads, state, gap_traj = dplr_recurrence(q[:, sl], zero_keys[:, sl], zeros, w[:, sl], ea[:, sl],
+                                                     eb[:, sl], state, return_trajectory)
+        reads[:, sl] = gap_reads
+        if traj is not None:
+            traj[:, sl] = gap_traj
+        return state
+
+    def apply(state: Tensor, selected: Tensor) -> Tensor:
+        if not bool(selected.any()):
+            return state
+        state = state.clone()
+        for assign in (False, True):  # adds first, then assigns
+            which = selected & (edits.assign == assign)
+            if bool(which.any()):
+                index = (local_row[edits.batch[which]], edits.head[which])
+                state.index_put_(index, edits.matrix[which].to(state.dtype), accumulate=not assign)
+        return state
+
+    previous = None
+    for p in torch.unique(edits.pos).tolist():
+        if previous is not None:
+            correction = run_gap(previous + 1, p, correction)
+            correction = dplr_transition_step(correction, w[:, p], ea[:, p], eb[:, p])
+        at_p = edits.pos == p
+        correction = apply(correction, at_p & ~edits.after_read)
+        reads[:, p] = torch.einsum("bhkv,bhk->bhv", correction, q[:, p])
+        if traj is not None:
+            traj[:, p] = correction
+        correction = apply(correction, at_p & edits.after_read)
+        previous = p
+    correction = run_gap(previous + 1, n_pos, correction)
+
+    read_delta[rows] = reads
+    final_delta[rows] = correction
+    if traj_delta is not None:
+        traj_delta[rows] = traj
+    return read_delta, final_delta, traj_delta
+
+
+def _initial_state(initial_state: Tensor | None, batch: int, n_heads: int, d_k: int, d_v: int, device) -> Tensor:
+    if initial_state is None:
+        return torch.zeros(batch, n_heads, d_k, d_v, device=device)
+    expected = (batch, n_heads, d_k, d_v)
+    if tuple(initial_state.shape) != expected:
+        raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}; expected {expected} [batch, head, d_k, d_v]")
+    return initial_state.float()
