@@ -119,17 +119,18 @@ class GatedAttention(nn.Module):
             if "valid" in layer_cache:
                 valid = torch.cat([layer_cache["valid"], layer_cache["valid"].new_ones(batch, n_pos)], dim=1)
                 layer_cache["valid"] = valid
+        # Grouped KV heads without copying them: query head h reads KV head h // repeat.
         repeat = cfg.n_attn_heads // cfg.n_kv_heads
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-
-        scores = (q.transpose(1, 2) @ k.transpose(-1, -2)) * cfg.d_head**-0.5  # [batch, head, q_pos, k_pos]
+        grouped_q = q.transpose(1, 2).reshape(batch, cfg.n_kv_heads, repeat, n_pos, cfg.d_head)
+        scores = (grouped_q @ k[:, :, None].transpose(-1, -2)).flatten(1, 2) * cfg.d_head**-0.5  # [b, head, q, k]
         n_keys = k.shape[2]
         allowed = torch.ones(n_pos, n_keys, dtype=torch.bool, device=x.device).tril(n_keys - n_pos)
         if valid is not None:
             allowed = allowed & valid[:, None, None, :]  # [batch, 1, q_pos, k_pos]
         scores = self.hook_attn_scores(scores.masked_fill(~allowed, float("-inf")))
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
-        z = self.hook_z((pattern @ v).transpose(1, 2))  # [batch, pos, head, d_head]
+        grouped_z = pattern.unflatten(1, (cfg.n_kv_heads, repeat)) @ v[:, :, None]  # [b, kv_head, repeat, q, d]
+        z = self.hook_z(grouped_z.flatten(1, 2).transpose(1, 2))  # [batch, pos, head, d_head]
         gate = self.hook_gate(torch.sigmoid(gate))
         return self.o_proj((z * gate).reshape(batch, n_pos, -1))
 
