@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .state_edits import StateEdits
+from .gated_delta import initial_state_or_zeros
+from .state_edits import StateEdits, propagate_through
 
 DEFAULT_CHUNK_SIZE = 16  # the pairwise decays are [chunk, chunk, d_k] per chunk and head
 
@@ -69,7 +70,7 @@ def dplr_reference(
     """
     batch, n_pos, n_heads, d_k = key.shape
     d_v = write_value.shape[-1]
-    state = _initial_state(initial_state, batch, n_heads, d_k, d_v, key.device)
+    state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device)
     keep = return_trajectory or state_positions is not None
     reads = torch.zeros(batch, n_pos, n_heads, d_v, device=key.device)
     trajectory = torch.zeros(batch, n_pos, n_heads, d_k, d_v, device=key.device) if keep else None
@@ -122,7 +123,7 @@ def dplr_chunked(
     """
     batch, n_pos, n_heads, d_k = key.shape
     d_v = write_value.shape[-1]
-    state = _initial_state(initial_state, batch, n_heads, d_k, d_v, key.device)
+    state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device)
     if n_pos == 0:
         return dplr_reference(query, key, write_value, log_decay, erase_a, erase_b, state, return_trajectory,
                               state_positions)
@@ -251,72 +252,12 @@ def propagate_dplr_edits(
     linear in the state for fixed transitions, so the correction ``D`` obeys ``D_t = (diag(exp(w_t)) - ea_t eb_t^T)
     D_{t-1}`` between edits; at one position, adds then assigns timed before the read, the read, then adds then
     assigns timed after it. Rows without edits get exact zeros and cost nothing."""
-    batch, n_pos, n_heads, d_k = query.shape
-    d_v = edits.matrix.shape[-1]
-    device = query.device
-    read_delta = torch.zeros(batch, n_pos, n_heads, d_v, device=device)
-    final_delta = torch.zeros(batch, n_heads, d_k, d_v, device=device)
-    traj_delta = torch.zeros(batch, n_pos, n_heads, d_k, d_v, device=device) if return_trajectory else None
-    if len(edits) == 0:
-        return read_delta, final_delta, traj_delta
 
-    rows = torch.unique(edits.batch)
-    local_row = torch.full((batch,), -1, dtype=torch.long, device=device)
-    local_row[rows] = torch.arange(len(rows), device=device)
-    q, w, ea, eb = (x[rows].float() for x in (query, log_decay, erase_a, erase_b))
-    correction = torch.zeros(len(rows), n_heads, d_k, d_v, device=device)
-    reads = torch.zeros(len(rows), n_pos, n_heads, d_v, device=device)
-    traj = torch.zeros(len(rows), n_pos, n_heads, d_k, d_v, device=device) if return_trajectory else None
-    zero_keys = torch.zeros_like(q)
+    def free_run(q, factors, zero_writes, state, trajectory):
+        # with zero writes the write key is irrelevant: pass zeros
+        return dplr_recurrence(q, torch.zeros_like(q), zero_writes, *factors, state, trajectory)
 
-    def run_gap(start: int, stop: int, state: Tensor) -> Tensor:
-        if stop <= start:
-            return state
-        sl = slice(start, stop)
-        zeros = torch.zeros(len(rows), stop - start, n_heads, d_v, device=device)
-        gap_reads, state, gap_traj = dplr_recurrence(q[:, sl], zero_keys[:, sl], zeros, w[:, sl], ea[:, sl],
-                                                     eb[:, sl], state, return_trajectory)
-        reads[:, sl] = gap_reads
-        if traj is not None:
-            traj[:, sl] = gap_traj
-        return state
+    def step(state, factors):
+        return dplr_transition_step(state, *factors)
 
-    def apply(state: Tensor, selected: Tensor) -> Tensor:
-        if not bool(selected.any()):
-            return state
-        state = state.clone()
-        for assign in (False, True):  # adds first, then assigns
-            which = selected & (edits.assign == assign)
-            if bool(which.any()):
-                index = (local_row[edits.batch[which]], edits.head[which])
-                state.index_put_(index, edits.matrix[which].to(state.dtype), accumulate=not assign)
-        return state
-
-    previous = None
-    for p in torch.unique(edits.pos).tolist():
-        if previous is not None:
-            correction = run_gap(previous + 1, p, correction)
-            correction = dplr_transition_step(correction, w[:, p], ea[:, p], eb[:, p])
-        at_p = edits.pos == p
-        correction = apply(correction, at_p & ~edits.after_read)
-        reads[:, p] = torch.einsum("bhkv,bhk->bhv", correction, q[:, p])
-        if traj is not None:
-            traj[:, p] = correction
-        correction = apply(correction, at_p & edits.after_read)
-        previous = p
-    correction = run_gap(previous + 1, n_pos, correction)
-
-    read_delta[rows] = reads
-    final_delta[rows] = correction
-    if traj_delta is not None:
-        traj_delta[rows] = traj
-    return read_delta, final_delta, traj_delta
-
-
-def _initial_state(initial_state: Tensor | None, batch: int, n_heads: int, d_k: int, d_v: int, device) -> Tensor:
-    if initial_state is None:
-        return torch.zeros(batch, n_heads, d_k, d_v, device=device)
-    expected = (batch, n_heads, d_k, d_v)
-    if tuple(initial_state.shape) != expected:
-        raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}; expected {expected} [batch, head, d_k, d_v]")
-    return initial_state.float()
+    return propagate_through(query, (log_decay, erase_a, erase_b), edits, free_run, step, return_trajectory)

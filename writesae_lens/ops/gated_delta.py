@@ -55,7 +55,7 @@ def recurrence_reference(
         return reads, state, trajectory[:, state_positions.to(trajectory.device)]
     batch, n_pos, n_heads, d_k = key.shape
     d_v = write_value.shape[-1]
-    state = _initial_state(initial_state, batch, n_heads, d_k, d_v, key.device)
+    state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device)
     reads, trajectory = [], []
     for t in range(n_pos):
         q_t, k_t, u_t = (x[:, t].float() for x in (query, key, write_value))  # [batch, head, d]
@@ -106,7 +106,7 @@ def recurrence_chunked(
     """
     batch, n_pos, n_heads, d_k = key.shape
     d_v = write_value.shape[-1]
-    state = _initial_state(initial_state, batch, n_heads, d_k, d_v, key.device)
+    state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device)
     if n_pos == 0:
         return recurrence_reference(query, key, write_value, log_decay, erase_strength, state, return_trajectory,
                                     state_positions)
@@ -225,7 +225,7 @@ def recurrence(
     )
 
 
-def _initial_state(initial_state: Tensor | None, batch: int, n_heads: int, d_k: int, d_v: int, device) -> Tensor:
+def initial_state_or_zeros(initial_state: Tensor | None, batch: int, n_heads: int, d_k: int, d_v: int, device) -> Tensor:
     if initial_state is None:
         return torch.zeros(batch, n_heads, d_k, d_v, device=device)
     expected = (batch, n_heads, d_k, d_v)

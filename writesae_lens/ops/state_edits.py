@@ -20,6 +20,7 @@ of edits (plus one state-sized correction), never with batch x pos x head x d_k 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,9 +91,30 @@ def propagate_edits(
     The trajectory entry at t is the correction of the state the read at t sees (edits timed after the read at t
     appear from t + 1 on). Rows without edits get exact zeros and cost nothing.
     """
-    batch, n_pos, n_heads, d_k = key.shape
+
+    def free_run(q, factors, zero_writes, state, trajectory):
+        k, g, e = factors
+        return recurrence(q, k, zero_writes, g, e, state, trajectory)
+
+    def step(state, factors):
+        return transition_step(state, *factors)
+
+    return propagate_through(query, (key, log_decay, erase_strength), edits, free_run, step, return_trajectory)
+
+
+def propagate_through(
+    query: Tensor,  # [batch, pos, head, d_k]
+    transition: tuple[Tensor | None, ...],  # the transition's factors, each [batch, pos, head, ...] (or None)
+    edits: StateEdits,
+    free_run: Callable,  # (query, factors, zero writes, state, return_trajectory) -> (reads, state, trajectory)
+    step: Callable,  # (state, factors at one position) -> state after one transition with no write
+    return_trajectory: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The propagation of ``propagate_edits`` for any transition: ``free_run`` runs the family's recurrence with
+    zero writes over a span of positions, ``step`` applies one transition. Shared by every family's ops."""
+    batch, n_pos, n_heads, d_k = query.shape
     d_v = edits.matrix.shape[-1]
-    device = key.device
+    device = query.device
     read_delta = torch.zeros(batch, n_pos, n_heads, d_v, device=device)
     final_delta = torch.zeros(batch, n_heads, d_k, d_v, device=device)
     traj_delta = torch.zeros(batch, n_pos, n_heads, d_k, d_v, device=device) if return_trajectory else None
@@ -102,8 +124,9 @@ def propagate_edits(
     rows = torch.unique(edits.batch)  # only the rows with edits are propagated
     local_row = torch.full((batch,), -1, dtype=torch.long, device=device)
     local_row[rows] = torch.arange(len(rows), device=device)
-    q, k, g = query[rows].float(), key[rows].float(), log_decay[rows].float()
-    e = erase_strength[rows].float() if erase_strength is not None else None
+    q = query[rows].float()
+    factors = tuple(f[rows].float() if f is not None else None for f in transition)
+    at = lambda index: tuple(f[:, index] if f is not None else None for f in factors)  # noqa: E731
     correction = torch.zeros(len(rows), n_heads, d_k, d_v, device=device)
     reads = torch.zeros(len(rows), n_pos, n_heads, d_v, device=device)
     traj = torch.zeros(len(rows), n_pos, n_heads, d_k, d_v, device=device) if return_trajectory else None
@@ -114,9 +137,7 @@ def propagate_edits(
             return state
         sl = slice(start, stop)
         zeros = torch.zeros(len(rows), stop - start, n_heads, d_v, device=device)
-        gap_reads, state, gap_traj = recurrence(
-            q[:, sl], k[:, sl], zeros, g[:, sl], e[:, sl] if e is not None else None, state, return_trajectory
-        )
+        gap_reads, state, gap_traj = free_run(q[:, sl], at(sl), zeros, state, return_trajectory)
         reads[:, sl] = gap_reads
         if traj is not None:
             traj[:, sl] = gap_traj
@@ -133,13 +154,11 @@ def propagate_edits(
                 state.index_put_(index, edits.matrix[which].to(state.dtype), accumulate=not assign)
         return state
 
-    positions = torch.unique(edits.pos).tolist()
     previous = None
-    for p in positions:
+    for p in torch.unique(edits.pos).tolist():
         if previous is not None:
             correction = run_gap(previous + 1, p, correction)
-            e_p = e[:, p] if e is not None else None
-            correction = transition_step(correction, k[:, p], g[:, p], e_p)
+            correction = step(correction, at(p))
         at_p = edits.pos == p
         correction = apply(correction, at_p & ~edits.after_read)
         reads[:, p] = torch.einsum("bhkv,bhk->bhv", correction, q[:, p])
