@@ -26,7 +26,7 @@ from transformer_lens.hook_points import HookPoint
 
 from writesae_lens.hooking.components import RMSNorm
 from writesae_lens.hooking.conv import causal_conv
-from writesae_lens.hooking.write_mixer import MatrixWriteMixer
+from writesae_lens.hooking.write_mixer import MatrixWriteMixer, run_hook_keeping_shape
 
 from .config import HookedMamba2Config
 
@@ -75,9 +75,9 @@ class Mamba2Mixer(MatrixWriteMixer):
 
         reads = self.recur_with_cache(C, B, x, dt, log_decay, layer_cache)  # reads [batch, pos, head, d_v]
 
-        skip = _shape_kept(self.hook_skip, skip)
-        y = _shape_kept(self.hook_ssm_out, reads + skip)
-        z = _shape_kept(self.hook_gate, z.reshape(batch, n_pos, cfg.n_heads, cfg.d_v))
+        skip = run_hook_keeping_shape(self.hook_skip, skip)
+        y = run_hook_keeping_shape(self.hook_ssm_out, reads + skip)
+        z = run_hook_keeping_shape(self.hook_gate, z.reshape(batch, n_pos, cfg.n_heads, cfg.d_v))
         return self.out_proj(self._gated_norm(y, z).to(h.dtype))
 
     def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
@@ -86,15 +86,6 @@ class Mamba2Mixer(MatrixWriteMixer):
         gated = (y.float() * F.silu(z.float())).reshape(batch, n_pos, self.cfg.n_groups, -1)
         normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.cfg.eps)
         return self.norm_w.float() * normed.reshape(batch, n_pos, self.cfg.d_inner)
-
-
-def _shape_kept(hook: HookPoint, tensor: Tensor) -> Tensor:
-    """Run a hook point; a hook that changes the shape gets an error instead of a silent broadcast."""
-    out = hook(tensor)
-    if out is not tensor and (not isinstance(out, Tensor) or out.shape != tensor.shape):
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"a hook on {hook.name} returned {got}; it must keep the shape {tuple(tensor.shape)}")
-    return out
 
 
 class Mamba2Block(nn.Module):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from writesae_lens.hooking.dplr_mixer import DPLRWriteMixer
+from writesae_lens.hooking.write_mixer import run_hook_keeping_shape
 
 from .config import DECAY_FLOOR, HookedRWKV7Config
 
@@ -145,8 +146,8 @@ class RWKV7Mixer(DPLRWriteMixer):
         reads = self.recur_with_cache(r, k, v, ones, w, layer_cache, erase_a=kk * a, erase_b=kk)  # [b, p, h, d_v]
 
         normed = self.g_norm(reads.reshape(batch * n_pos, cfg.value_dim)).reshape(batch, n_pos, cfg.n_heads, cfg.d_v)
-        bonus = _shape_kept(self.hook_bonus, bonus)
-        g = _shape_kept(self.hook_gate, g)
+        bonus = run_hook_keeping_shape(self.hook_bonus, bonus)
+        g = run_hook_keeping_shape(self.hook_gate, g)
         return self.o_proj(((normed + bonus) * g).reshape(batch, n_pos, cfg.value_dim).to(x.dtype))
 
 
@@ -166,14 +167,6 @@ class RWKV7ChannelMix(nn.Module):
         delta = token_shift(x, layer_cache, "shift_mlp")
         pre = self.hook_pre(self.key(x + delta * self.x_k))
         return self.value(self.hook_post(F.relu(pre).square()))
-
-
-def _shape_kept(hook: HookPoint, tensor: Tensor) -> Tensor:
-    out = hook(tensor)
-    if out is not tensor and (not isinstance(out, Tensor) or out.shape != tensor.shape):
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"a hook on {hook.name} returned {got}; it must keep the shape {tuple(tensor.shape)}")
-    return out
 
 
 class RWKV7Block(nn.Module):

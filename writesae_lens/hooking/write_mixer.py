@@ -221,13 +221,16 @@ class MatrixWriteMixer(nn.Module):
         return StateEdits.concat(edits, assigns)
 
 
-def _hooked(hook_point: HookPoint, tensor: Tensor) -> Tensor:
-    """Run a hook point; when hooks are attached, check that they kept the shape and returned finite values."""
+def run_hook_keeping_shape(hook_point: HookPoint, tensor: Tensor) -> Tensor:
+    """Run a hook point; a hook that changes the shape gets an error instead of a silent broadcast."""
     out = hook_point(tensor)
-    if not hook_point.has_hooks():
-        return out
-    out = _checked_shape(out, tensor.shape, hook_point.name)
-    if not torch.isfinite(out).all():
+    return out if out is tensor else _checked_shape(out, tensor.shape, hook_point.name)
+
+
+def _hooked(hook_point: HookPoint, tensor: Tensor) -> Tensor:
+    """Run a write-interface hook point; when hooks are attached, also check that they returned finite values."""
+    out = run_hook_keeping_shape(hook_point, tensor)
+    if hook_point.has_hooks() and not torch.isfinite(out).all():
         raise ValueError(f"a hook on {hook_point.name} returned non-finite values")
     return out
 
