@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from naive_recurrence import naive_edited_layer
+from substitution_checks import assert_records_match_hook_path
 from writesae_lens import interventions as iv
 from writesae_lens.evaluation.records import RECORD_COLUMNS
 from writesae_lens.evaluation.stats import format_summary, summarize
@@ -36,52 +37,16 @@ def sae(model, passages):
     return sae
 
 
-def hook_path_kls(model, tokens, cells, matrices, timing, reads):
-    """KL(native || edited) and the reverse at ``reads[i]`` for edit i alone, each applied to its whole passage
-    through the hooks (one batch row per edit: rows are independent)."""
-    with torch.no_grad():
-        native = torch.log_softmax(model(tokens).double(), -1)
-        rows = [(i, t, h) for i, (_, t, h) in enumerate(cells)]
-        edited = model.run_with_hooks(tokens[[p for p, _, _ in cells]],
-                                      fwd_hooks=iv.add_to_state(LAYER, rows, matrices, timing))
-        edited = torch.log_softmax(edited.double(), -1)
-    out = []
-    for i, (p, _, _) in enumerate(cells):
-        n, e = native[p, reads[i]], edited[i, reads[i]]
-        out.append((float((n.exp() * (n - e)).sum()), float((e.exp() * (e - n)).sum())))
-    return out
-
-
 @pytest.mark.parametrize("timing,kl_at", [("after_read", "next"), ("write", "next"), ("after_read", "end")])
 def test_records_equal_the_hook_path(model, sae, passages, timing, kl_at):
     records = replacement_test(model, sae, LAYER, HEAD, passages, max_firings_per_feature=3, max_firings=24,
                                timing=timing, kl_at=kl_at, batch_size=15, progress=False)
     assert list(records.columns)[: len(RECORD_COLUMNS)] == list(RECORD_COLUMNS)
     assert len(records) >= 12
-    states, factors = head_states(model, passages, LAYER, HEAD)
-    atoms = iv.atom_matrices(sae, torch.arange(32), 32)
-    cfg = model.cfg
-    cells, matrices, reads, expected = [], [], [], []
-    for row in records.drop_duplicates(["passage", "position"]).itertuples():
-        p, t = row.passage, row.position
-        native = factors["beta"][p, t] * torch.outer(factors["k"][p, t], factors["v"][p, t])
-        code = sae.encode(states[p, t]).detach()
-        assert int(code.argmax()) == row.atom and abs(float(code.max()) - row.coefficient) < 1e-6
-        assert abs(float(native.norm()) - row.native_write_norm) < 1e-5
-        read = (t + 1 if timing == "after_read" else t) if kl_at == "next" else passages.shape[1] - 1
-        for condition, matrix in (("atom", row.coefficient * atoms[row.atom] - native), ("delete", -native)):
-            cells.append((p, t, HEAD))
-            matrices.append(matrix)
-            reads.append(read)
-            expected.append((getattr(row, f"kl_{condition}"), getattr(row, f"kl_{condition}_rev")))
-    assert len(cells) >= 20
-    got = hook_path_kls(model, passages, cells, torch.stack(matrices).detach(), timing, reads)
-    worst = max(max(abs(a - c), abs(b - d)) for (a, b), (c, d) in zip(got, expected))
-    assert worst <= 1e-5, worst
-    assert (records.kl_delete > -1e-6).all() and (records.kl_random > -1e-6).all()  # KLs, up to rounding
+    assert assert_records_match_hook_path(model, sae, LAYER, HEAD, passages, records, timing, kl_at) >= 20
+    assert model.cfg.d_k != model.cfg.d_v
     if timing == "after_read":
         assert (records.position < passages.shape[1] - 1).all()
-    assert cfg.d_k != cfg.d_v
 
 
 def test_statistics_run_on_the_records(model, sae, passages, tmp_path):

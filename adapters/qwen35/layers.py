@@ -20,6 +20,7 @@ from transformer_lens.hook_points import HookPoint
 
 from writesae_lens.hooking.components import GatedMLP, RMSNorm
 from writesae_lens.hooking.conv import causal_conv
+from writesae_lens.hooking.grouped_attention import grouped_mix, grouped_scores
 from writesae_lens.hooking.write_mixer import MatrixWriteMixer
 
 from .config import ATTENTION, HookedQwen35Config
@@ -110,26 +111,42 @@ class GatedAttention(nn.Module):
         q, k = self.hook_rot_q(_rotate(q, cos, sin)), self.hook_rot_k(_rotate(k, cos, sin))
 
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [batch, kv_head, pos, d_head]
+        shared = None  # (keys, values, source, valid): cached keys read in place by several rows (see below)
         valid = None  # [batch, key_pos]: which cached keys are real (a stacked cache right-pads rows)
         if layer_cache is not None:
-            if "k" in layer_cache:
-                k = torch.cat([layer_cache["k"], k], dim=2)
-                v = torch.cat([layer_cache["v"], v], dim=2)
-            layer_cache["k"], layer_cache["v"] = k, v
-            if "valid" in layer_cache:
-                valid = torch.cat([layer_cache["valid"], layer_cache["valid"].new_ones(batch, n_pos)], dim=1)
-                layer_cache["valid"] = valid
-        # Grouped KV heads without copying them: query head h reads KV head h // repeat.
+            if "source" in layer_cache:  # rows continue shared sequences: their own keys are kept apart
+                shared = (layer_cache["k"], layer_cache["v"], layer_cache["source"], layer_cache["valid"])
+                own_k, own_v = layer_cache.get("k_own"), layer_cache.get("v_own")
+                if own_k is not None:
+                    k, v = torch.cat([own_k, k], dim=2), torch.cat([own_v, v], dim=2)
+                layer_cache["k_own"], layer_cache["v_own"] = k, v
+            else:
+                if "k" in layer_cache:
+                    k = torch.cat([layer_cache["k"], k], dim=2)
+                    v = torch.cat([layer_cache["v"], v], dim=2)
+                layer_cache["k"], layer_cache["v"] = k, v
+                if "valid" in layer_cache:
+                    valid = torch.cat([layer_cache["valid"], layer_cache["valid"].new_ones(batch, n_pos)], dim=1)
+                    layer_cache["valid"] = valid
         repeat = cfg.n_attn_heads // cfg.n_kv_heads
         grouped_q = q.transpose(1, 2).reshape(batch, cfg.n_kv_heads, repeat, n_pos, cfg.d_head)
-        scores = (grouped_q @ k[:, :, None].transpose(-1, -2)).flatten(1, 2) * cfg.d_head**-0.5  # [b, head, q, k]
+        scores = grouped_scores(grouped_q, k)  # [b, kv_head, repeat, q, k]
         n_keys = k.shape[2]
         allowed = torch.ones(n_pos, n_keys, dtype=torch.bool, device=x.device).tril(n_keys - n_pos)
         if valid is not None:
             allowed = allowed & valid[:, None, None, :]  # [batch, 1, q_pos, k_pos]
+        if shared is not None:  # the shared keys come first on the key axis, masked by each row's valid length
+            shared_k, shared_v, source, shared_valid = shared
+            scores = torch.cat([grouped_scores(grouped_q, shared_k, source), scores], dim=-1)
+            allowed = torch.cat([shared_valid[:, None, :].expand(batch, n_pos, -1),
+                                 allowed.expand(batch, n_pos, n_keys)], dim=-1)[:, None]
+        scores = scores.flatten(1, 2) * cfg.d_head**-0.5  # [batch, head, q_pos, k_pos]
         scores = self.hook_attn_scores(scores.masked_fill(~allowed, float("-inf")))
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
-        grouped_z = pattern.unflatten(1, (cfg.n_kv_heads, repeat)) @ v[:, :, None]  # [b, kv_head, repeat, q, d]
+        grouped_pattern = pattern.unflatten(1, (cfg.n_kv_heads, repeat))
+        grouped_z = grouped_mix(grouped_pattern[..., -n_keys:], v)  # [b, kv_head, repeat, q, d]
+        if shared is not None:
+            grouped_z = grouped_z + grouped_mix(grouped_pattern[..., :-n_keys], shared_v, source)
         z = self.hook_z(grouped_z.flatten(1, 2).transpose(1, 2))  # [batch, pos, head, d_head]
         gate = self.hook_gate(torch.sigmoid(gate))
         return self.o_proj((z * gate).reshape(batch, n_pos, -1))

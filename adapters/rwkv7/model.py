@@ -7,7 +7,7 @@ fixture, ``scripts/make_rwkv7_fixture.py``).
 
 ``hook_embed`` is the embedding after layer 0's ``pre_norm`` (fla normalises the embeddings once before the first
 block), so ``hook_embed == blocks.0.hook_resid_pre`` as in every family. Layers after the first read layer 0's value
-(v-first) from the same call: ``start_at_layer > 0`` is refused.
+(v-first): a run with ``start_at_layer > 0`` takes it as ``v_first=`` (``carried_streams`` names its hook).
 """
 
 from __future__ import annotations
@@ -65,10 +65,24 @@ class HookedRWKV7(HookedRecurrentLM):
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
         self.setup()
 
-    def forward(self, *args, **kwargs):
-        if kwargs.get("start_at_layer") not in (None, 0):
-            raise ValueError("RWKV-7 cannot start at a later layer: every layer reads layer 0's value (v-first)")
-        self._v_first.value = None
+    carried_streams = {"v_first": "blocks.0.mixer.hook_v_first"}
+
+    def forward(self, *args, v_first: Tensor | None = None, **kwargs):
+        """As ``HookedRecurrentLM.forward``; with ``start_at_layer > 0`` also pass ``v_first``, layer 0's value for
+        the same positions ``[batch, pos, head, d_v]`` (hook ``blocks.0.mixer.hook_v_first``), which every later
+        layer reads."""
+        start = kwargs.get("start_at_layer")
+        if start not in (None, 0):
+            resid = args[0] if args else kwargs.get("input")
+            expected = (*tuple(resid.shape[:2]), self.cfg.n_heads, self.cfg.d_v) if isinstance(resid, Tensor) else None
+            if v_first is None:
+                raise ValueError("RWKV-7 layers after the first read layer 0's value (v-first): with start_at_layer > 0 "
+                                 "pass v_first=[batch, pos, head, d_v], e.g. cached from 'blocks.0.mixer.hook_v_first'")
+            if expected is not None and tuple(v_first.shape) != expected:
+                raise ValueError(f"v_first has shape {tuple(v_first.shape)}; expected {expected} [batch, pos, head, d_v]")
+        elif v_first is not None:
+            raise ValueError("v_first is only taken with start_at_layer > 0 (layer 0 computes it otherwise)")
+        self._v_first.value = None if v_first is None else v_first.float()
         try:
             return super().forward(*args, **kwargs)
         finally:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+SHARED_KEYS = ("k", "v")  # with a "source" entry, these are [n_sources, ...]: rows index them through it
 
 
 @dataclass
@@ -14,6 +17,9 @@ class RecurrentCache:
 
     ``layers[l]`` is a dict owned by block ``l``: a recurrent layer keeps ``{"conv": [batch, channels, kernel - 1],
     "state": [batch, head, d_k, d_v]}``, an attention layer ``{"k": ..., "v": ...}`` ([batch, kv_head, pos, d_head]).
+    Rows made from snapshots share their attention keys instead of copying them: then ``"k"``/``"v"`` are
+    [n_sources, kv_head, pos, d_head], ``"source"`` [batch] names the one each row reads, ``"valid"`` [batch, pos]
+    masks each row's keys, and the keys the rows add themselves go to ``"k_own"``/``"v_own"`` [batch, ...].
     Blocks replace the tensors in their dict and never write into them in place, so ``copy()`` (which copies the
     dicts, not the tensors) is enough to branch a cache into several continuations.
     """
@@ -41,12 +47,15 @@ class RecurrentCache:
         return self.seq_len if self.positions is None else self.positions
 
     def select(self, rows: Tensor | list[int]) -> "RecurrentCache":
-        """The cache of some batch rows (index along dim 0 of every tensor)."""
+        """The cache of some batch rows (index along dim 0 of every per-row tensor; shared keys stay shared)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         positions = self.positions[rows.to(self.positions.device)] if self.positions is not None else None
-        return RecurrentCache(
-            [{name: t[rows.to(t.device)] for name, t in layer.items()} for layer in self.layers], self.seq_len, positions
-        )
+        layers = []
+        for layer in self.layers:
+            shared = "source" in layer
+            layers.append({name: t if shared and name in SHARED_KEYS else t[rows.to(t.device)]
+                           for name, t in layer.items()})
+        return RecurrentCache(layers, self.seq_len, positions)
 
     def request_snapshots(self, positions, layers) -> None:
         """Ask the next forward call to keep, for each position s (counted from the start of that call, 0..n_pos),
@@ -72,12 +81,38 @@ class RecurrentCache:
             raise ValueError("this cache holds no snapshots: call request_snapshots before the forward pass")
         longest = int(lengths.max())
         for layer, new in zip(self.layers, layers):
-            if "k" in layer and "snapshots" not in layer:
-                rows = len(which)
-                new["k"] = layer["k"][:, :, :longest].expand(rows, -1, -1, -1)
-                new["v"] = layer["v"][:, :, :longest].expand(rows, -1, -1, -1)
-                new["valid"] = torch.arange(longest, device=layer["k"].device)[None, :] < lengths.to(layer["k"].device)[:, None]
+            if "k" in layer and "snapshots" not in layer:  # attention keys: read in place by every row (source 0)
+                device = layer["k"].device
+                new["k"], new["v"] = layer["k"][:1, :, :longest], layer["v"][:1, :, :longest]
+                new["source"] = torch.zeros(len(which), dtype=torch.long, device=device)
+                new["valid"] = torch.arange(longest, device=device)[None, :] < lengths.to(device)[:, None]
         return RecurrentCache(layers, longest, lengths)
+
+    @staticmethod
+    def stack_rows(caches: list["RecurrentCache"]) -> "RecurrentCache":
+        """One batched cache holding the rows of several ``rows_from_snapshots`` caches (e.g. of different
+        passages), in order. Shared attention keys are stacked once per source, right-padded to the longest."""
+        if len(caches) == 1:
+            return caches[0]
+        longest = max(c.seq_len for c in caches)
+        layers = []
+        for parts in zip(*(c.layers for c in caches)):
+            if not parts[0]:
+                layers.append({})
+            elif "source" in parts[0]:
+                if any("k_own" in part for part in parts):
+                    raise ValueError("stack_rows takes caches fresh from rows_from_snapshots (no keys of their own)")
+                pad = lambda t: F.pad(t, (0, 0, 0, longest - t.shape[2]))  # noqa: E731  [src, kv, pos, d]
+                offsets = torch.tensor([0] + [p["k"].shape[0] for p in parts]).cumsum(0)
+                layers.append({
+                    "k": torch.cat([pad(p["k"]) for p in parts]),
+                    "v": torch.cat([pad(p["v"]) for p in parts]),
+                    "source": torch.cat([p["source"] + int(o) for p, o in zip(parts, offsets)]),
+                    "valid": torch.cat([F.pad(p["valid"], (0, longest - p["valid"].shape[1])) for p in parts]),
+                })
+            else:
+                layers.append({name: torch.cat([p[name] for p in parts]) for name in parts[0]})
+        return RecurrentCache(layers, longest, torch.cat([c.offsets() for c in caches]))
 
     def recurrent_state(self, layer: int) -> Tensor:
         """The matrix state ``[batch, head, d_k, d_v]`` of a recurrent layer."""

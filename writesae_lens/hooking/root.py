@@ -147,6 +147,11 @@ class HookedRecurrentLM(HookedRootModule):
                 return int(candidate)
         return 0
 
+    # Streams besides the residual stream that a run with ``start_at_layer`` needs: forward keyword -> the hook whose
+    # activation [batch, pos, ...] over the same positions is that stream (e.g. RWKV-7's v-first). Empty for families
+    # whose later layers read only the residual stream.
+    carried_streams: dict[str, str] = {}
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -162,7 +167,8 @@ class HookedRecurrentLM(HookedRootModule):
     ):
         """Run the model. ``return_type``: "logits" ``[batch, pos, d_vocab]``, "loss" (mean next-token loss, or
         ``[batch, pos - 1]`` with ``loss_per_token``), "both" (logits, loss), None. ``stop_at_layer=n`` returns the
-        residual stream entering block n. ``start_at_layer=n`` takes that residual stream ``[batch, pos, d_model]``
+        residual stream entering block n (``n = n_layers``: the final one, before ``ln_final``; only then can a cache
+        be passed with it). ``start_at_layer=n`` takes that residual stream ``[batch, pos, d_model]``
         as ``input`` and runs blocks n onwards (pass ``tokens`` too for a loss). ``cache``: a ``RecurrentCache`` to
         continue from; it is updated (only its blocks from ``start_at_layer`` on, when that is set)."""
         if unused.get("attention_mask") is not None:
@@ -185,20 +191,21 @@ class HookedRecurrentLM(HookedRootModule):
         if stop_at_layer is not None:
             if not -self.cfg.n_layers <= stop_at_layer <= self.cfg.n_layers:
                 raise ValueError(f"stop_at_layer={stop_at_layer} is outside [-{self.cfg.n_layers}, {self.cfg.n_layers}]")
-            if cache is not None:
-                raise ValueError("stop_at_layer cannot be combined with a cache (the cache would be left half-updated)")
+        last = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
+        last = last + self.cfg.n_layers if last < 0 else last  # negative: count from the end, as in transformer_lens
+        if cache is not None and last != self.cfg.n_layers:
+            raise ValueError("stop_at_layer before the last layer cannot be combined with a cache (the cache would be "
+                             "left half-updated); stop_at_layer=n_layers (the final residual stream) can")
         offset = cache.offsets() if cache is not None else 0
         if resid is None:
             resid = self.hook_embed(self.embed(tokens))  # [batch, pos, d_model]
-        last = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
-        last = last + self.cfg.n_layers if last < 0 else last  # negative: count from the end, as in transformer_lens
         for layer in range(first, last):
             layer_cache = cache.layers[layer] if cache is not None else None
             resid = self.blocks[layer](resid, layer_cache, offset)
-        if stop_at_layer is not None:
-            return resid
         if cache is not None:
             cache.advance(resid.shape[1])
+        if stop_at_layer is not None:
+            return resid
         if return_type is None:
             return None
         logits = self.unembed(self.ln_final(resid))  # [batch, pos, d_vocab]

@@ -1,0 +1,176 @@
+"""Many edited continuations of a few passages, batched: the engine of the substitution test.
+
+Per passage, one native pass from the edited layer (its input was kept by the scan, so earlier layers never run again)
+gives the native next-token distributions where KLs are read and keeps cache snapshots at the positions edited rows
+start from (states only there, from the chunked algebra). Then rows (firing x condition), from any number of
+passages, run together: each row starts from its own snapshot with its edit applied, runs only the positions up to
+where its KL is read, and shares its passage's attention keys instead of copying them. Only the final residual at
+each row's read position goes through the unembedding.
+
+Edit timing: ``"after_read"`` adds the edit to the cached state after position t was read, so rows start at t + 1;
+``"write"`` adds it to the write at t, so rows start at t. ``kl_at``: ``"next"`` reads the KL at the row's first
+position, ``"end"`` at the passage's last (the tokens in between teacher-forced).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..hooking.cache import RecurrentCache
+from ..interventions import TIMING_HOOKS, mixer_hook
+
+
+@dataclass
+class _Rows:
+    """Rows of one passage, ready to join a batch."""
+
+    cache: RecurrentCache  # one row each, from the passage's snapshots
+    inputs: dict[str, Tensor]  # "resid" and carried streams, [rows, span, ...]
+    matrices: Tensor  # [rows, d_k, d_v]: added to the head's state (after_read) or write (write)
+    read_offset: Tensor  # [rows]: where in its span each row's KL is read
+    native_logp: Tensor  # [rows, d_vocab] fp64: the native distribution at that position
+    labels: list[tuple[int, int, str]]  # (passage, position, condition)
+
+
+class EditedRuns:
+    """Collects edited rows passage by passage and runs them in batches of at most ``batch_size`` rows.
+
+    ``add(passage, inputs, edits)`` with ``edits[t][condition] = matrix``; after ``finish()``, ``results[(passage,
+    t)]`` holds ``kl_{condition}`` = KL(p_native || p_condition), ``kl_{condition}_rev``, ``top1_{condition}`` and
+    ``top1_native``.
+    """
+
+    def __init__(self, model, layer: int, head: int, timing: str, kl_at: str, batch_size: int, progress=None) -> None:
+        if timing not in TIMING_HOOKS:
+            raise ValueError(f"timing must be one of {sorted(TIMING_HOOKS)}, got {timing!r}")
+        if kl_at not in ("next", "end"):
+            raise ValueError(f"kl_at must be 'next' or 'end', got {kl_at!r}")
+        self.model, self.layer, self.head, self.timing, self.kl_at = model, layer, head, timing, kl_at
+        self.batch_size = max(1, batch_size)
+        self.progress = progress  # a tqdm bar advanced by firing positions done, or None
+        self.pending: list[_Rows] = []
+        self.results: dict[tuple[int, int], dict] = {}
+
+    def start_position(self, t: int) -> int:
+        """The first position an edited row runs: t + 1 after the read, t for a write edit."""
+        return t + 1 if self.timing == "after_read" else t
+
+    def read_position(self, t: int, n_pos: int) -> int:
+        return self.start_position(t) if self.kl_at == "next" else n_pos - 1
+
+    # ---- adding passages ------------------------------------------------------------------------------------------
+    def add(self, passage: int, inputs: dict[str, Tensor], edits: dict[int, dict[str, Tensor]]) -> None:
+        """Queue the rows of one passage; ``inputs`` are its scan inputs ([pos, ...] per stream)."""
+        n_pos = inputs["resid"].shape[0]
+        positions = sorted(edits)
+        starts = sorted({self.start_position(t) for t in positions})
+        reads = sorted({self.read_position(t, n_pos) for t in positions})
+        snapshot_cache, native_logp = self._native_pass(inputs, starts, reads)
+        snapshot_of, read_of = {s: i for i, s in enumerate(starts)}, {r: i for i, r in enumerate(reads)}
+
+        rows = [(t, condition) for t in positions for condition in edits[t]]
+        while rows:
+            room = self.batch_size - sum(len(r.labels) for r in self.pending)
+            piece, rows = rows[:room], rows[room:]
+            row_starts = [self.start_position(t) for t, _ in piece]
+            row_reads = [self.read_position(t, n_pos) for t, _ in piece]
+            span = max(r - s for s, r in zip(row_starts, row_reads)) + 1
+            streams = {name: torch.stack([_padded(x[s : s + span], span) for s in row_starts])
+                       for name, x in self._streams(inputs).items()}
+            self.pending.append(_Rows(
+                cache=snapshot_cache.rows_from_snapshots(torch.tensor([snapshot_of[s] for s in row_starts])),
+                inputs=streams,
+                matrices=torch.stack([edits[t][condition] for t, condition in piece]),
+                read_offset=torch.tensor([r - s for s, r in zip(row_starts, row_reads)]),
+                native_logp=native_logp[torch.tensor([read_of[r] for r in row_reads])],
+                labels=[(passage, t, condition) for t, condition in piece],
+            ))
+            if sum(len(r.labels) for r in self.pending) >= self.batch_size:
+                self._flush()
+
+    def finish(self) -> None:
+        if self.pending:
+            self._flush()
+
+    def _streams(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The inputs a run from the layer takes: the residual stream and the family's carried streams."""
+        return {name: inputs[name] for name in ("resid", *self.model.carried_streams)}
+
+    def _final_logp(self, final_resid: Tensor) -> Tensor:
+        """Log-probabilities (fp64, so that KLs of 1e-7 stay positive) from final residuals [n, d_model]."""
+        return F.log_softmax(self.model.unembed(self.model.ln_final(final_resid[:, None]))[:, 0].double(), dim=-1)
+
+    def _run(self, streams: dict[str, Tensor], cache: RecurrentCache) -> Tensor:
+        """Final residual stream [batch, pos, d_model] of a run from the layer on."""
+        # carried streams are inputs only of runs that start after the first layer (the first computes them)
+        carried = {name: streams[name] for name in self.model.carried_streams} if self.layer > 0 else {}
+        return self.model(streams["resid"], start_at_layer=self.layer, stop_at_layer=self.model.cfg.n_layers,
+                          cache=cache, **carried)
+
+    def _native_pass(self, inputs: dict[str, Tensor], starts: list[int], reads: list[int]):
+        """Snapshots at ``starts`` and native log-probabilities at ``reads`` [n_reads, d_vocab], running only the
+        positions that some row needs."""
+        needed = max(max(reads) + 1, max(starts))
+        cache = self.model.empty_cache()
+        cache.request_snapshots(starts, range(self.layer, self.model.cfg.n_layers))
+        final = self._run({name: x[None, :needed] for name, x in self._streams(inputs).items()}, cache)
+        return cache, self._final_logp(final[0, reads])
+
+    # ---- running a batch ------------------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        span = max(r.inputs["resid"].shape[1] for r in batch)
+        streams = {name: torch.cat([_padded(r.inputs[name], span, dim=1) for r in batch]) for name in batch[0].inputs}
+        cache = RecurrentCache.stack_rows([r.cache for r in batch])
+        matrices = torch.cat([r.matrices for r in batch])
+        n_rows = len(matrices)
+
+        if self.timing == "after_read":  # a change of the cached state: no hook needed
+            state = cache.layers[self.layer]["state"].clone()
+            state[:, self.head] += matrices.to(state)
+            cache.layers[self.layer]["state"] = state
+            hooks = []
+        else:  # part of the write at the row's first position
+            cells = torch.tensor([[r, 0, self.head] for r in range(n_rows)])
+
+            def add(x: Tensor, hook) -> Tensor:
+                return x + torch.sparse_coo_tensor(cells.T.to(x.device), matrices.to(x.device), x.shape,
+                                                   check_invariants=False)
+
+            hooks = [(mixer_hook(self.layer, TIMING_HOOKS["write"]), add)]
+        with self.model.hooks(fwd_hooks=hooks):
+            final = self._run(streams, cache)
+        read_offset = torch.cat([r.read_offset for r in batch]).to(final.device)
+        cond_logp = self._final_logp(final[torch.arange(n_rows, device=final.device), read_offset])
+        native_logp = torch.cat([r.native_logp for r in batch]).to(cond_logp.device)
+        # KL(native || condition) and the reverse, one fused pass each: kl_div(x, y) sums exp(y) (y - x)
+        kl = F.kl_div(cond_logp, native_logp, reduction="none", log_target=True).sum(-1).tolist()
+        kl_rev = F.kl_div(native_logp, cond_logp, reduction="none", log_target=True).sum(-1).tolist()
+        top1_native, top1 = native_logp.argmax(-1).tolist(), cond_logp.argmax(-1).tolist()
+
+        labels = [label for r in batch for label in r.labels]
+        done = 0
+        for i, (passage, t, condition) in enumerate(labels):
+            entry = self.results.get((passage, t))
+            if entry is None:
+                entry = self.results[(passage, t)] = {"top1_native": top1_native[i]}
+                done += 1
+            entry[f"kl_{condition}"] = kl[i]
+            entry[f"kl_{condition}_rev"] = kl_rev[i]
+            entry[f"top1_{condition}"] = top1[i]
+        if self.progress is not None:
+            self.progress.update(done)
+
+
+def _padded(x: Tensor, length: int, dim: int = 0) -> Tensor:
+    """``x`` zero-padded at the end of ``dim`` to ``length`` (rows past a passage's end are padding, never read)."""
+    missing = length - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
