@@ -1,6 +1,7 @@
-"""HookedRWKV7 against fla's RWKV7ForCausalLM: a golden fixture written by scripts/make_rwkv7_fixture.py (fla 0.6.0's
+"""HookedRWKV7 against fla's RWKV7ForCausalLM: golden fixtures written by scripts/make_rwkv7_fixture.py (fla 0.6.0's
 recurrent kernels under TRITON_INTERPRET=1; fla cannot run in this environment), plus the hook identities of the
-write interface on the same checkpoint."""
+write interface on the same checkpoints. Every test that takes ``model_and_golden`` runs on both fixtures: square heads
+(d_k = d_v = 16) and non-square heads (d_k = 16, d_v = 32)."""
 
 from pathlib import Path
 
@@ -10,26 +11,38 @@ import torch
 from rwkv7_naive import naive_rwkv7_layer
 from writesae_lens.adapters.rwkv7 import HookedRWKV7
 
-FIXTURE = Path(__file__).parent / "fixtures" / "rwkv7"
+FIXTURES = Path(__file__).parent / "fixtures"
 FACTORS = ("hook_read_q", "hook_write_k", "hook_write_v", "hook_decay", "hook_erase_a", "hook_erase_b")
+# fixture folder: (n_layers, n_heads, d_k, d_v, d_mlp, d_vocab) of its checkpoint
+CONFIGS = {"rwkv7": (3, 4, 16, 16, 96, 97), "rwkv7_nonsquare": (3, 4, 16, 32, 96, 97)}
+
+
+def load_fixture(name):
+    folder = FIXTURES / name
+    if not (folder / "golden.pt").exists():
+        pytest.skip(f"no golden fixture in {folder}: run scripts/make_rwkv7_fixture.py")
+    model = HookedRWKV7.from_pretrained(folder / "checkpoint", device="cpu").eval()
+    return model, torch.load(folder / "golden.pt")
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def fixture_name(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def model_and_golden():
-    if not (FIXTURE / "golden.pt").exists():
-        pytest.skip("no golden fixture: run scripts/make_rwkv7_fixture.py")
-    model = HookedRWKV7.from_pretrained(FIXTURE / "checkpoint", device="cpu").eval()
-    return model, torch.load(FIXTURE / "golden.pt")
+def model_and_golden(fixture_name):
+    return load_fixture(fixture_name)
 
 
 def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_config_read_without_fla(model_and_golden):
+def test_config_read_without_fla(model_and_golden, fixture_name):
     model, _ = model_and_golden
     cfg = model.cfg
-    assert (cfg.n_layers, cfg.n_heads, cfg.d_k, cfg.d_v, cfg.d_mlp, cfg.d_vocab) == (3, 4, 16, 16, 96, 97)
+    assert (cfg.n_layers, cfg.n_heads, cfg.d_k, cfg.d_v, cfg.d_mlp, cfg.d_vocab) == CONFIGS[fixture_name]
 
 
 def test_logits_and_states_match_fla(model_and_golden):
@@ -100,13 +113,6 @@ def test_generation_with_cache_equals_without(model_and_golden):
     uncached = model.generate(prompt, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False,
                               use_past_kv_cache=False)
     assert torch.equal(cached, uncached)
-
-
-def test_start_at_later_layer_is_refused(model_and_golden):
-    model, golden = model_and_golden
-    resid = torch.zeros(1, 3, model.cfg.d_model)
-    with pytest.raises(ValueError, match="v-first"):
-        model(resid, start_at_layer=1)
 
 
 def test_write_edits_leave_the_bonus_and_transition(model_and_golden):

@@ -9,6 +9,7 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
 import writesae_lens.saes as ws
+from sae_checks import explained_variance
 from writesae_lens.adapters.qwen35 import HookedQwen35
 from writesae_lens.data import load_heldout_documents, pretrained_path
 from writesae_lens.evaluation.sae_evals import evaluate_state_sae
@@ -32,12 +33,6 @@ def heldout_states(model, documents):
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=HOOK)
     return tokens, cache[HOOK][:, :, HEAD].flatten(0, 1)
-
-
-def explained_variance(sae, states):
-    with torch.no_grad():
-        recon = sae.decode(sae.encode(states))
-    return float(1 - (states - recon).pow(2).sum() / (states - states.mean(0)).pow(2).sum())
 
 
 def test_runner_trains_saves_loads_and_evaluates(model, documents, tmp_path):
