@@ -27,13 +27,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..interventions import atom_matrices, gaussian_rank1
+from ..interventions import atom_matrices, gaussian_rank1, random_alive_atoms
 from .edited_runs import EditedRuns
 from .firings import FiringScan, check_cell, head_states, scan_firings, select_firings
 from .records import FiringRecord, records_frame
@@ -87,7 +86,6 @@ def replacement_test(
     device = model.cfg.device
     atoms = atom_matrices(sae, torch.arange(sae.cfg.d_sae), sae.cfg.d_sae).to(device, torch.float32)  # [d_sae, k, v]
     atom_norms = atoms.flatten(1).norm(dim=-1).cpu()
-    alive = scan.alive.numpy()
     positions_by_passage: dict[int, list[int]] = {}
     for p, t, _ in chosen:
         positions = positions_by_passage.setdefault(p, [])
@@ -102,29 +100,37 @@ def replacement_test(
         at = torch.tensor(positions, device=inputs["k"].device)
         native = inputs["beta"][at, None, None] * inputs["k"][at, :, None] * inputs["v"][at, None, :]  # [m, d_k, d_v]
         native_norm = native.flatten(1).norm(dim=-1).cpu()
-        edits = {}
+        active = torch.zeros(len(positions), sae.cfg.d_sae, dtype=torch.bool)  # [m, d_sae]
+        chosen_atoms, coefficients = [], []
         for i, t in enumerate(positions):
             features, codes = scan.active_at(p, t)
+            active[i, features] = True
             best = int(codes.argmax())
-            atom, coefficient = int(features[best]), float(codes[best])
-            atom_norm = max(float(atom_norms[atom]), 1e-30)
-            scale = coefficient if amplitude == "natural" else float(native_norm[i]) / atom_norm
-            atom_write = scale * atoms[atom]
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + p * 10_007 + t)
-            random_norm = abs(scale) * atom_norm  # the atom condition's norm
-            if random_control == "atom":
-                inactive = alive.copy()
-                inactive[features] = False
-                candidates = np.flatnonzero(inactive)
-                if len(candidates) == 0:
-                    raise ValueError("no alive, non-active atom for the random control; use random_control='gaussian'")
-                other = int(candidates[int(torch.randint(len(candidates), (1,), generator=generator))])
-                random_write = atoms[other] * (random_norm / max(float(atom_norms[other]), 1e-30))
-            else:
-                d_k, d_v = atoms.shape[1:]
-                random_write = gaussian_rank1(d_k, d_v, [random_norm], generator)[0].to(device)
-            edits[t] = {"atom": atom_write - native[i], "delete": -native[i], "random": random_write - native[i]}
-            outcome[(p, t)] = {"atom": atom, "coefficient": coefficient, "native_write_norm": float(native_norm[i])}
+            chosen_atoms.append(int(features[best]))
+            coefficients.append(float(codes[best]))
+        chosen_atoms = torch.tensor(chosen_atoms)
+        if amplitude == "natural":
+            scales = torch.tensor(coefficients)
+        else:
+            scales = native_norm / atom_norms[chosen_atoms].clamp_min(1e-30)
+        atom_writes = scales.to(device)[:, None, None] * atoms[chosen_atoms.to(device)]  # [m, d_k, d_v]
+        random_norms = scales.abs() * atom_norms[chosen_atoms]  # the atom condition's norms
+        # draws seeded per passage: the records do not depend on batch_size
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + p)
+        if random_control == "atom":
+            try:
+                others = random_alive_atoms(active, scan.alive, generator)
+            except ValueError as error:
+                raise ValueError(f"{error}; or use random_control='gaussian'") from None
+            random_writes = atoms[others.to(device)] * (random_norms / atom_norms[others].clamp_min(1e-30)).to(device)[
+                :, None, None]
+        else:
+            random_writes = gaussian_rank1(*atoms.shape[1:], random_norms, generator).to(device)
+        edits = {t: {"atom": atom_writes[i] - native[i], "delete": -native[i], "random": random_writes[i] - native[i]}
+                 for i, t in enumerate(positions)}
+        for i, t in enumerate(positions):
+            outcome[(p, t)] = {"atom": int(chosen_atoms[i]), "coefficient": coefficients[i],
+                               "native_write_norm": float(native_norm[i])}
         runs.add(p, inputs, edits)
     runs.finish()
     bar.close()
