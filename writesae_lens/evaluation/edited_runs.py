@@ -25,6 +25,15 @@ from ..interventions import TIMING_HOOKS, mixer_hook
 
 
 @dataclass
+class _NativeReads:
+    """The native next-token distributions at one passage's read positions."""
+
+    logp: Tensor  # [n_reads, d_vocab] fp64
+    prob: Tensor  # exp(logp)
+    top1: list[int]
+
+
+@dataclass
 class _Rows:
     """Rows of one passage, ready to join a batch."""
 
@@ -32,7 +41,8 @@ class _Rows:
     inputs: dict[str, Tensor]  # "resid" and carried streams, [rows, span, ...]
     matrices: Tensor  # [rows, d_k, d_v]: added to the head's state (after_read) or write (write)
     read_offset: Tensor  # [rows]: where in its span each row's KL is read
-    native_logp: Tensor  # [rows, d_vocab] fp64: the native distribution at that position
+    native: _NativeReads  # of the rows' passage
+    read_index: Tensor  # [rows]: each row's read position, as an index into ``native``
     labels: list[tuple[int, int, str]]  # (passage, position, condition)
 
 
@@ -69,7 +79,7 @@ class EditedRuns:
         positions = sorted(edits)
         starts = sorted({self.start_position(t) for t in positions})
         reads = sorted({self.read_position(t, n_pos) for t in positions})
-        snapshot_cache, native_logp = self._native_pass(inputs, starts, reads)
+        snapshot_cache, native = self._native_pass(inputs, starts, reads)
         snapshot_of, read_of = {s: i for i, s in enumerate(starts)}, {r: i for i, r in enumerate(reads)}
 
         rows = [(t, condition) for t in positions for condition in edits[t]]
@@ -86,7 +96,8 @@ class EditedRuns:
                 inputs=streams,
                 matrices=torch.stack([edits[t][condition] for t, condition in piece]),
                 read_offset=torch.tensor([r - s for s, r in zip(row_starts, row_reads)]),
-                native_logp=native_logp[torch.tensor([read_of[r] for r in row_reads])],
+                native=native,
+                read_index=torch.tensor([read_of[r] for r in row_reads]),
                 labels=[(passage, t, condition) for t, condition in piece],
             ))
             if sum(len(r.labels) for r in self.pending) >= self.batch_size:
@@ -118,7 +129,8 @@ class EditedRuns:
         cache = self.model.empty_cache()
         cache.request_snapshots(starts, range(self.layer, self.model.cfg.n_layers))
         final = self._run({name: x[None, :needed] for name, x in self._streams(inputs).items()}, cache)
-        return cache, self._final_logp(final[0, reads])
+        logp = self._final_logp(final[0, reads])
+        return cache, _NativeReads(logp, logp.exp(), logp.argmax(-1).tolist())
 
     # ---- running a batch ------------------------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -146,11 +158,13 @@ class EditedRuns:
             final = self._run(streams, cache)
         read_offset = torch.cat([r.read_offset for r in batch]).to(final.device)
         cond_logp = self._final_logp(final[torch.arange(n_rows, device=final.device), read_offset])
-        native_logp = torch.cat([r.native_logp for r in batch]).to(cond_logp.device)
-        # KL(native || condition) and the reverse, one fused pass each: kl_div(x, y) sums exp(y) (y - x)
-        kl = F.kl_div(cond_logp, native_logp, reduction="none", log_target=True).sum(-1).tolist()
-        kl_rev = F.kl_div(native_logp, cond_logp, reduction="none", log_target=True).sum(-1).tolist()
-        top1_native, top1 = native_logp.argmax(-1).tolist(), cond_logp.argmax(-1).tolist()
+        native_logp = torch.cat([r.native.logp[r.read_index.to(r.native.logp.device)] for r in batch])
+        native_prob = torch.cat([r.native.prob[r.read_index.to(r.native.prob.device)] for r in batch])
+        top1_native = [r.native.top1[i] for r in batch for i in r.read_index.tolist()]
+        diff = cond_logp - native_logp  # [rows, d_vocab]
+        kl = (-torch.linalg.vecdot(native_prob, diff)).tolist()  # KL(native || condition)
+        kl_rev = torch.linalg.vecdot(cond_logp.exp(), diff).tolist()  # KL(condition || native)
+        top1 = cond_logp.argmax(-1).tolist()
 
         labels = [label for r in batch for label in r.labels]
         done = 0

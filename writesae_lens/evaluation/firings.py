@@ -34,6 +34,7 @@ class FiringScan:
     # passage -> {"resid": [pos, d_model] entering the layer, each carried stream [pos, ...], the head's native write
     # factors "k" [pos, d_k], "v" [pos, d_v], "beta" [pos]}: the layers before the edited one never run again
     passage_inputs: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    _keys: np.ndarray | None = field(default=None, repr=False)  # passage * n_pos + position, built on first lookup
 
     def firings(self) -> list[tuple[int, int, int]]:
         """Every (passage, position, feature) with a non-zero code."""
@@ -41,9 +42,10 @@ class FiringScan:
 
     def active_at(self, passage: int, position: int) -> tuple[np.ndarray, np.ndarray]:
         """The active features at (passage, position) and their codes."""
+        if self._keys is None or len(self._keys) != len(self.passage):
+            self._keys = self.passage * self.n_pos + self.position  # sorted, as the scan is
         key = passage * self.n_pos + position
-        keys = self.passage * self.n_pos + self.position  # sorted
-        lo, hi = np.searchsorted(keys, key, "left"), np.searchsorted(keys, key, "right")
+        lo, hi = np.searchsorted(self._keys, key, "left"), np.searchsorted(self._keys, key, "right")
         return self.feature[lo:hi], self.code[lo:hi]
 
 
