@@ -13,28 +13,19 @@ Times are medians over repeats after a warm-up; machines are noisy, so only the 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from qwen35_factory import randomise  # noqa: E402
+from timing import decoder, median_time  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 from writesae_lens.adapters.qwen35 import HookedQwen35  # noqa: E402
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def tiny_models(layer_types, vocab=512):
@@ -82,17 +73,7 @@ def main() -> None:
     _, gdn_only = tiny_models(["linear_attention"] * 4)
 
     def per_token(context: int, steps: int = 32) -> float:
-        prompt = torch.randint(0, 512, (1, context))
-        cache = gdn_only.empty_cache()
-        gdn_only(prompt, cache=cache)
-        token = prompt[:, -1:]
-
-        def decode():
-            branch = cache.copy()
-            for _ in range(steps):
-                gdn_only(token, cache=branch)
-
-        return median_time(decode, args.repeats) / steps
+        return median_time(decoder(gdn_only, context, steps), args.repeats) / steps
 
     short, long = per_token(64), per_token(1024)
     print(f"[3] GDN-only decoding per token: context 64 {short * 1e3:.2f} ms, context 1024 {long * 1e3:.2f} ms -> "

@@ -112,3 +112,43 @@ def test_states_at_selected_positions(chunk):
     _, _, picked = recurrence_chunked(q, k, beta[..., None] * v, g, beta, s0, chunk_size=chunk, state_positions=positions)
     assert picked.shape == (2, 6, 3, 5, 7)
     assert torch.allclose(picked, traj[:, positions], atol=2e-5)
+
+
+@pytest.mark.parametrize("delta_rule", [True, False], ids=["delta-rule", "no-erase"])
+def test_gradients_through_the_chunked_trajectory_equal_the_reference(delta_rule):
+    """The trajectory (what hook_state shows) is differentiable in every input, as in the step reference."""
+    q, k, v, beta, g, s0 = factors(1, 40, 2, 6, 9, seed=3)
+    weights = torch.randn(1, 40, 2, 6, generator=torch.Generator().manual_seed(4))
+
+    def grads(op, **options):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v, beta, g, s0)]
+        q_, k_, v_, beta_, g_, s0_ = inputs
+        _, _, traj = op(q_, k_, beta_[..., None] * v_, g_, beta_ if delta_rule else None, s0_,
+                        return_trajectory=True, **options)
+        (traj.sum(-1) * weights).sum().backward()
+        return [x.grad for x in inputs]
+
+    for fast, ref in zip(grads(recurrence_chunked, chunk_size=16), grads(recurrence_reference)):
+        if ref is None:  # an input the output does not depend on (the query, for the trajectory)
+            assert fast is None or not fast.any()
+        else:
+            assert torch.allclose(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_large_trajectories_use_the_huge_page_buffer_and_stay_exact():
+    """Trajectories of 16 MiB and more are written into a separately mapped buffer (huge pages where Linux has
+    them), aligned to a huge page, usable like any tensor, with the same values as the step reference."""
+    import mmap
+
+    from writesae_lens.ops.gated_delta import trajectory_buffer
+
+    buffer = trajectory_buffer((4, 1024, 1024), "cpu")  # 16 MiB
+    assert buffer.shape == (4, 1024, 1024) and buffer.dtype == torch.float32
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert buffer.data_ptr() % (2 << 20) == 0
+    buffer.fill_(1.5)
+    assert float(buffer.sum()) == 1.5 * buffer.numel()
+    q, k, v, beta, g, s0 = factors(1, 300, 4, 64, 64, seed=9)  # trajectory 300 * 4 * 64 * 64 * 4 B = 19.7 MB
+    ref = recurrence_reference(q, k, beta[..., None] * v, g, beta, s0, return_trajectory=True)[2]
+    fast = recurrence_chunked(q, k, beta[..., None] * v, g, beta, s0, return_trajectory=True)[2]
+    assert torch.allclose(fast, ref, atol=1e-4)

@@ -35,6 +35,8 @@ Edit semantics (checked against a token-by-token reference in the tests):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
@@ -131,7 +133,8 @@ class MatrixWriteMixer(nn.Module):
         run_base = lambda trajectory: self._recurrence(  # noqa: E731
             query, key, write_value, transition, initial_state, return_trajectory=trajectory
         )
-        reads, final, base_traj = run_base(want_states)
+        with _with_version_counters(want_states):
+            reads, final, base_traj = run_base(want_states)
         if want_states:
             edits = self._apply_state_hook(query, transition, edits, base_traj, lambda: run_base(True)[2])
         if edits is not None:
@@ -185,24 +188,22 @@ class MatrixWriteMixer(nn.Module):
         No copy of the trajectory is kept for the comparison: a hook that returns a new tensor leaves the shown one
         intact, and one that edits in place is detected by the tensor's version counter, after which the unedited
         trajectory is recomputed (one more pass of the recurrence, only in that case). Under ``torch.inference_mode``
-        tensors have no version counter, so there a copy is kept for the comparison.
+        the shown states are built as normal tensors (``_with_version_counters``), so the same check applies there.
         """
         batch, n_pos, n_heads, d_k, d_v = base_traj.shape
         correction = None
         if edits is not None:
             correction = self._propagate(query, transition, edits, return_trajectory=True)[2]
-        shown = base_traj if correction is None else base_traj + correction
-        flat = shown.reshape(batch, n_pos, n_heads, d_k * d_v)
-        if flat.is_inference():  # inference tensors keep no version counter: compare against a copy instead
-            shown = shown.clone()
-            if correction is None:  # flat is a view of base_traj, which an in-place hook would overwrite
-                base_traj = shown
-            version = None
+        if correction is None:
+            shown = base_traj
         else:
-            version = flat._version
+            with _with_version_counters(True):
+                shown = base_traj + correction
+        flat = shown.reshape(batch, n_pos, n_heads, d_k * d_v)
+        version = flat._version
         hooked = self.hook_state(flat)
-        edited_in_place = version is not None and flat._version != version
-        if hooked is flat and version is not None and not edited_in_place:
+        edited_in_place = flat._version != version
+        if hooked is flat and not edited_in_place:
             return edits  # nobody edited the states
         hooked = _checked_shape(hooked, flat.shape, "hook_state").reshape(batch, n_pos, n_heads, d_k, d_v).float()
         if edited_in_place:  # the shown tensor was overwritten: rebuild it
@@ -219,6 +220,17 @@ class MatrixWriteMixer(nn.Module):
         # The edited state at a replaced cell is S' = base + correction, so the correction there becomes S' - base.
         assigns = StateEdits.build(b, p, h, hooked[b, p, h] - base_traj[b, p, h], assign=True)
         return StateEdits.concat(edits, assigns)
+
+
+@contextlib.contextmanager
+def _with_version_counters(active: bool = True):
+    """Under ``torch.inference_mode`` (and ``active``), make the tensors created inside normal ones, whose version
+    counters reveal in-place edits by hooks; gradients stay off. Elsewhere a no-op."""
+    if active and torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():
+            yield
+    else:
+        yield
 
 
 def run_hook_keeping_shape(hook_point: HookPoint, tensor: Tensor) -> Tensor:

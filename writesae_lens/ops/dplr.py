@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .gated_delta import initial_state_or_zeros
+from .gated_delta import initial_state_or_zeros, trajectory_buffer
 from .state_edits import StateEdits, propagate_through
 
 DEFAULT_CHUNK_SIZE = 16  # the pairwise decays are [chunk, chunk, d_k] per chunk and head
@@ -183,7 +183,11 @@ def _unit_lower_inverse(strictly_lower: Tensor) -> Tensor:
     zero), by forward substitution one row at a time over all chunks at once (much faster on CPU than batched
     ``solve_triangular`` for small C)."""
     chunk = strictly_lower.shape[-1]
-    inverse = torch.eye(chunk, device=strictly_lower.device).expand_as(strictly_lower).clone()
+    identity = torch.eye(chunk, device=strictly_lower.device, dtype=strictly_lower.dtype)
+    if torch.is_grad_enabled() and strictly_lower.requires_grad:  # the row updates below are in place: no autograd
+        return torch.linalg.solve_triangular(strictly_lower + identity, identity.expand_as(strictly_lower),
+                                             upper=False, unitriangular=True)
+    inverse = identity.expand_as(strictly_lower).clone()
     for i in range(1, chunk):  # row i of (I + L) X = I: X_i = e_i - L[i, :i] X[:i]
         inverse[..., i, :] -= (strictly_lower[..., i, None, :i] @ inverse[..., :i, :])[..., 0, :]
     return inverse
@@ -191,15 +195,28 @@ def _unit_lower_inverse(strictly_lower: Tensor) -> Tensor:
 
 def _chunk_trajectories(starts: Tensor, k: Tensor, u: Tensor, w: Tensor, ea: Tensor, recalled: Tensor) -> Tensor:
     """Every state of every chunk, ``S_i = exp(w_i) S_{i-1} + k_i u_i^T - ea_i x_i^T`` from the chunk's start state
-    (the recalled ``x`` are known, so no solve), as ``[batch, chunk, chunk_pos, head, d_k, d_v]``."""
+    (the recalled ``x`` are known, so no solve), as ``[batch, chunk, chunk_pos, head, d_k, d_v]``. Without autograd
+    each state is computed in its slot of the output, from the previous slot, with no temporaries."""
     b, h, n, chunk, d_k = k.shape
     d_v = u.shape[-1]
-    states = torch.empty(b, n, chunk, h, d_k, d_v, device=starts.device)
-    state = starts
+    states = trajectory_buffer((b, n, chunk, h, d_k, d_v), starts.device, starts.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (starts, k, u, w, ea, recalled)):
+        state = starts  # out= writes have no autograd: build each state, then copy it in
+        for i in range(chunk):
+            state = (state * w[..., i, :, None].exp() + k[..., i, :, None] * u[..., i, None, :]
+                     - ea[..., i, :, None] * recalled[..., i, None, :])
+            states[:, :, i] = state.transpose(1, 2)
+        return states
+    # the factors in the output's order: [b, n, C, h, ...]
+    in_order = lambda x: x.permute(0, 2, 3, 1, 4).contiguous()  # noqa: E731
+    decay, keys, erase = (in_order(x)[..., None] for x in (w.exp(), k, ea))
+    values, recalls = (in_order(x)[..., None, :] for x in (u, recalled))
+    previous = starts.transpose(1, 2)
     for i in range(chunk):
-        state = (state * w[..., i, :, None].exp() + k[..., i, :, None] * u[..., i, None, :]
-                 - ea[..., i, :, None] * recalled[..., i, None, :])
-        states[:, :, i] = state.transpose(1, 2)
+        slot = states[:, :, i]  # [b, n, h, d_k, d_v]
+        torch.mul(previous, decay[:, :, i], out=slot)
+        slot.addcmul_(keys[:, :, i], values[:, :, i]).addcmul_(erase[:, :, i], recalls[:, :, i], value=-1.0)
+        previous = slot
     return states
 
 

@@ -20,6 +20,9 @@ Tensor layout everywhere: ``[batch, pos, head, ...]`` like the hooks; states are
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -188,19 +191,59 @@ def _chunk_trajectories(starts: Tensor, k: Tensor, deltas: Tensor, cum_log_decay
     """Every state of every chunk, ``S_i = a_i S_{i-1} + k_i delta_i^T`` from the chunk's start state, returned as
     ``[batch, chunk, chunk_pos, head, d_k, d_v]``.
 
-    Once the deltas are known the states need no solve: one pass over the chunk positions, all chunks at once, writing
-    straight into the output layout (2 multiply-adds per entry; faster on CPU than the equivalent masked matmuls).
+    Once the deltas are known the states need no solve: one pass over the chunk positions, all chunks at once (2
+    multiply-adds per entry; faster on CPU than the equivalent masked matmuls). Without autograd each state is
+    computed in its slot of the output, from the previous slot, with no temporaries.
     starts [b, h, n, d_k, d_v]; k [b, h, n, C, d_k]; deltas [b, h, n, C, d_v]; cum_log_decay [b, h, n, C].
     """
     b, h, n, chunk, d_k = k.shape
     d_v = deltas.shape[-1]
     step_decay = torch.diff(cum_log_decay, dim=-1, prepend=torch.zeros_like(cum_log_decay[..., :1])).exp()
-    states = torch.empty(b, n, chunk, h, d_k, d_v, dtype=starts.dtype, device=starts.device)
-    state = starts
+    states = trajectory_buffer((b, n, chunk, h, d_k, d_v), starts.device, starts.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (starts, k, deltas, cum_log_decay)):
+        state = starts  # out= writes have no autograd: build each state, then copy it in
+        for i in range(chunk):
+            state = torch.addcmul(state * step_decay[..., i, None, None], k[..., i, :, None], deltas[..., i, None, :])
+            states[:, :, i] = state.transpose(1, 2)
+        return states
+    # the factors in the output's order: [b, n, C, h, ...]
+    decay = step_decay.permute(0, 2, 3, 1).contiguous()[..., None, None]
+    keys = k.permute(0, 2, 3, 1, 4).contiguous()[..., None]
+    values = deltas.permute(0, 2, 3, 1, 4).contiguous()[..., None, :]
+    previous = starts.transpose(1, 2)
     for i in range(chunk):
-        state = torch.addcmul(state * step_decay[..., i, None, None], k[..., i, :, None], deltas[..., i, None, :])
-        states[:, :, i] = state.transpose(1, 2)
+        slot = states[:, :, i]  # [b, n, h, d_k, d_v]
+        torch.mul(previous, decay[:, :, i], out=slot)
+        slot.addcmul_(keys[:, :, i], values[:, :, i])
+        previous = slot
     return states
+
+
+_HUGE_PAGE = 2 << 20
+_HUGE_PAGE_MIN_BYTES = 16 << 20
+
+
+def trajectory_buffer(shape: tuple[int, ...], device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """An uninitialised tensor for a state trajectory, by far the largest tensor of a forward.
+
+    Fresh memory costs one page fault per 4 KiB page on first write, which on CPU takes longer than computing the
+    states. Large CPU buffers are therefore mapped with ``MADV_HUGEPAGE`` where Linux offers transparent huge pages
+    (one fault per 2 MiB); elsewhere, and for small or non-CPU buffers, this is ``torch.empty``. The mapping lives
+    as long as any tensor that uses it.
+    """
+    device = torch.device(device)
+    numel = math.prod(shape)
+    n_bytes = numel * dtype.itemsize
+    if device.type != "cpu" or n_bytes < _HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype, device=device)
+    try:
+        buffer = mmap.mmap(-1, n_bytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):
+        return torch.empty(shape, dtype=dtype, device=device)
+    raw = torch.frombuffer(buffer, dtype=torch.uint8)
+    start = -raw.data_ptr() % _HUGE_PAGE  # start on a huge-page boundary
+    return raw[start:start + n_bytes].view(dtype).view(shape)
 
 
 def recurrence(

@@ -1,0 +1,99 @@
+"""Speed of HookedRWKV7 as ratios measured in one run (CPU by default).
+
+    python bench/bench_rwkv7.py                  # a couple of minutes on one thread
+    python bench/bench_rwkv7.py --repeats 10 --threads 2
+
+1. forward with ``hook_state`` listeners on every layer / hook-free forward, batch 4 x 256 tokens (goal <= 3x), under
+   ``torch.no_grad`` (how SAELens collects activations) and under ``torch.inference_mode``;
+2. decoding, time per token at context 1024 / at context 64 (goal <= 1.2: O(1) per token).
+
+There is no hook-free parity ratio against a reference implementation here, unlike the Mamba-2 and Qwen3.5 benches:
+the reference, flash-linear-attention's RWKV7ForCausalLM, runs only through triton kernels, which do not run on CPU
+(the golden fixtures of the tests were made with triton's interpreter, far too slow to time).
+
+The model is a random HookedRWKV7 with the layer shape of RWKV-7 0.1B (d_model 768, 12 heads of 64, LoRA ranks
+decay 64 / a 64 / v 32 / gate 128, channel mix 3072), ``--layers`` deep (4 by default), with the vocabulary scaled
+by ``layers / 12`` from the real 65536 so that the unembedding weighs in the forward as much as in the real model
+(``--layers 12`` gives the real vocabulary). Built here, without fla.
+
+One thread by default because the machine is shared. Times are medians over repeats after a warm-up; the two sides
+of each ratio are timed alternately and the ratio is the median of the per-repeat ratios. Only the ratios mean
+something.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from timing import decoder, paired_times  # bench/ is on sys.path when a script runs
+
+from writesae_lens.adapters.rwkv7 import HookedRWKV7
+from writesae_lens.adapters.rwkv7.config import HookedRWKV7Config
+
+REAL_LAYERS, REAL_VOCAB = 12, 65536
+
+
+
+
+
+
+def build_model(layers: int, seed: int = 0) -> HookedRWKV7:
+    """A random RWKV-7 of the 0.1B layer shape; every weight drawn (no path is zero)."""
+    vocab = -(-REAL_VOCAB * layers // REAL_LAYERS // 8) * 8  # scaled with the depth, a multiple of 8
+    cfg = HookedRWKV7Config(
+        n_layers=layers, d_model=768, d_vocab=vocab, n_heads=12, d_k=64, d_v=64, d_mlp=3072,
+        decay_low_rank_dim=64, gate_low_rank_dim=128, a_low_rank_dim=64, v_low_rank_dim=32, eps=1e-5,
+        model_name="random-rwkv7-0.1b-shape",
+    )
+    torch.manual_seed(seed)
+    model = HookedRWKV7(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if p.dim() > 1:  # matrices (unit-scale outputs), token-shift mixes, r_k
+                p.copy_(noise * p.shape[-1] ** -0.5)
+            elif name.endswith("weight"):  # norm gains
+                p.copy_(1 + 0.1 * noise)
+            else:  # biases, k_k, k_a
+                p.copy_(0.1 * noise)
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = build_model(args.layers)
+    cfg = model.cfg
+    print(f"RWKV-7 0.1B layer shape: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, d_k {cfg.d_k}, "
+          f"d_v {cfg.d_v}, vocab {cfg.d_vocab}; {args.threads} thread(s)")
+    tokens = torch.randint(0, cfg.d_vocab, (args.batch, args.seq))
+
+    state_hooks = [(f"blocks.{layer}.mixer.hook_state", lambda x, hook: None) for layer in range(cfg.n_layers)]
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            t_states, t_free, ratio = paired_times(
+                lambda: model.run_with_hooks(tokens, fwd_hooks=state_hooks), lambda: model(tokens), args.repeats
+            )
+        print(f"[1] {mode.__name__}: forward {args.batch}x{args.seq} with hook_state listeners on all "
+              f"{len(state_hooks)} layers {t_states * 1e3:.1f} ms, hook-free {t_free * 1e3:.1f} ms -> ratio "
+              f"{ratio:.2f} (goal <= 3)")
+
+
+    steps = 32
+    with torch.inference_mode():
+        long, short, ratio = paired_times(decoder(model, 1024, steps), decoder(model, 64, steps), args.repeats)
+    print(f"[2] decoding per token: context 64 {short / steps * 1e3:.2f} ms, context 1024 {long / steps * 1e3:.2f} ms "
+          f"-> ratio {ratio:.2f} (goal <= 1.2)")
+
+
+if __name__ == "__main__":
+    main()
