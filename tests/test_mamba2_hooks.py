@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import writesae_lens.hooking.write_mixer as write_mixer
 
 LAYER = 1
 FACTORS = ("hook_write_k", "hook_write_v", "hook_write_beta", "hook_decay", "hook_read_q")
@@ -148,23 +147,6 @@ def test_skip_edit_changes_only_the_output(model, tokens, full_cache):
     assert torch.equal(cache[m + "hook_state"], full_cache[m + "hook_state"])
 
 
-def test_state_trajectory_is_built_only_when_listened_to(model, tokens, monkeypatch):
-    asked = []
-    real = write_mixer.recurrence
-
-    def spy(*args, return_trajectory=False, **kwargs):
-        asked.append(return_trajectory)
-        return real(*args, return_trajectory=return_trajectory, **kwargs)
-
-    monkeypatch.setattr(write_mixer, "recurrence", spy)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_write_k", "hook_resid_post")))
-    assert asked and not any(asked)
-    assert not any(n.endswith("hook_state") for n in cache)
-    asked.clear()
-    with torch.no_grad():
-        model.run_with_cache(tokens, names_filter=f"blocks.{LAYER}.mixer.hook_state")
-    assert asked.count(True) == 1
 
 
 def test_pos_slice_slices_the_position_axis(model, tokens, full_cache):
@@ -196,29 +178,3 @@ def test_prefix_then_continue_with_clamped_time_steps(mamba2_folders):
         cache = model.empty_cache()
         parts = [model(tokens[:, :30], cache=cache)] + [model(tokens[:, t : t + 1], cache=cache) for t in range(30, 40)]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=2e-5)
-
-
-def test_hooks_are_removed_after_an_exception(model, tokens):
-    def broken(x, hook):
-        raise RuntimeError("boom")
-
-    for name in ("hook_write_v", "hook_skip"):
-        with pytest.raises(RuntimeError, match="boom"):
-            model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.mixer.{name}", broken)])
-        assert not any(hp.has_hooks() for hp in model.hook_dict.values())
-    with pytest.raises(RuntimeError, match="boom"):
-        with model.hooks(fwd_hooks=[(f"blocks.{LAYER}.mixer.hook_state", broken)]):
-            model(tokens)
-    assert not any(hp.has_hooks() for hp in model.hook_dict.values())
-
-
-def test_sae_lens_style_calls(model, tokens):
-    """The calls SAELens' ActivationsStore and evals make."""
-    hook = f"blocks.{LAYER}.mixer.hook_state"
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=LAYER + 1, prepend_bos=False)
-        _, loss = model(tokens, return_type="both", loss_per_token=True)
-    assert cache[hook][:, :, 1].shape == (2, 70, model.cfg.d_k * model.cfg.d_v)  # hook_head_index=1
-    assert loss.shape == (2, 69)
-    assert model.W_E.shape == (model.cfg.d_vocab, model.cfg.d_model)
-    assert model.W_U.shape == (model.cfg.d_model, model.cfg.d_vocab)

@@ -74,12 +74,6 @@ def test_unsupported_checkpoint_type(tmp_path):
         HookedQwen35.from_pretrained(tmp_path / "llama")
 
 
-def test_missing_folder_and_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
-        HookedQwen35.from_pretrained(tmp_path / "nowhere" / "deeper")
-    (tmp_path / "weights.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match="is a file"):
-        HookedQwen35.from_pretrained(tmp_path / "weights.bin")
 
 
 def test_checkpoint_with_missing_and_unexpected_keys(qwen35_folders, tmp_path):

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import writesae_lens.hooking.write_mixer as write_mixer
 
 LAYER = 2
 
@@ -96,23 +95,6 @@ def test_residual_identities(model, full_cache):
     assert torch.equal(full_cache["hook_embed"], full_cache["blocks.0.hook_resid_pre"])
 
 
-def test_state_trajectory_is_built_only_when_listened_to(model, tokens, monkeypatch):
-    asked = []
-    real = write_mixer.recurrence
-
-    def spy(*args, return_trajectory=False, **kwargs):
-        asked.append(return_trajectory)
-        return real(*args, return_trajectory=return_trajectory, **kwargs)
-
-    monkeypatch.setattr(write_mixer, "recurrence", spy)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_write_k", "hook_resid_post")))
-    assert asked and not any(asked)
-    assert not any(n.endswith("hook_state") for n in cache)
-    asked.clear()
-    with torch.no_grad():
-        model.run_with_cache(tokens, names_filter=f"blocks.{LAYER}.mixer.hook_state")
-    assert asked.count(True) == 1
 
 
 def test_pos_slice_slices_the_position_axis(model, tokens, full_cache):
@@ -153,17 +135,6 @@ def test_cache_matches_transformers_recurrent_state(qwen35_pair, tokens):
     assert rel(cache.recurrent_state(LAYER), ref) <= 1e-4
 
 
-def test_hooks_are_removed_after_an_exception(model, tokens):
-    def broken(x, hook):
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.mixer.hook_write_v", broken)])
-    assert not any(hp.has_hooks() for hp in model.hook_dict.values())
-    with pytest.raises(RuntimeError, match="boom"):
-        with model.hooks(fwd_hooks=[(f"blocks.{LAYER}.mixer.hook_state", broken)]):
-            model(tokens)
-    assert not any(hp.has_hooks() for hp in model.hook_dict.values())
 
 
 def test_nested_hook_contexts(model, tokens):
@@ -181,18 +152,6 @@ def test_nested_hook_contexts(model, tokens):
     assert seen == [0.0]  # the inner hook ran after the outer edit
 
 
-def test_sae_lens_style_calls(model, tokens):
-    """The calls SAELens' ActivationsStore and evals make."""
-    toks = model.to_tokens("not needed", prepend_bos=False, move_to_device=False, truncate=False) if model.tokenizer else tokens
-    assert toks.dtype == torch.long
-    hook = f"blocks.{LAYER}.mixer.hook_state"
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=LAYER + 1, prepend_bos=False)
-        logits, loss = model(tokens, return_type="both", loss_per_token=True)
-    assert cache[hook][:, :, 1].shape == (2, 70, model.cfg.d_k * model.cfg.d_v)  # hook_head_index=1
-    assert loss.shape == (2, 69)
-    assert model.W_E.shape == (model.cfg.d_vocab, model.cfg.d_model)
-    assert model.W_U.shape == (model.cfg.d_model, model.cfg.d_vocab)
 
 
 def test_start_at_layer_continues_from_a_residual(model, tokens, full_cache):

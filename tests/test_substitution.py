@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from substitution_checks import assert_records_match_hook_path
-from writesae_lens import interventions as iv
 from writesae_lens.evaluation.records import RECORD_COLUMNS
 from writesae_lens.evaluation.stats import format_summary, summarize
 from writesae_lens.evaluation.substitution import head_states, replacement_test
