@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from mamba2_factory import randomise  # noqa: E402
-from timing import decoder, paired_times  # noqa: E402  (bench/ is on sys.path when a script runs)
+from timing import paired_times, report_decoding, report_listener_cost  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 from writesae_lens.adapters.mamba2 import HookedMamba2  # noqa: E402
 
@@ -93,21 +93,8 @@ def main() -> None:
     print(f"[1] hook-free forward {args.batch}x{args.seq}: transformers {t_hf * 1e3:.1f} ms, HookedMamba2 "
           f"{t_ours * 1e3:.1f} ms -> ratio {ratio:.2f} (goal <= 1.0)")
 
-    state_hooks = [(f"blocks.{layer}.mixer.hook_state", lambda x, hook: None) for layer in range(ours.cfg.n_layers)]
-    for mode in (torch.no_grad, torch.inference_mode):
-        with mode():
-            t_states, t_free, ratio = paired_times(
-                lambda: ours.run_with_hooks(tokens, fwd_hooks=state_hooks), lambda: ours(tokens), args.repeats
-            )
-        print(f"[2] {mode.__name__}: forward with hook_state listeners on all {len(state_hooks)} layers "
-              f"{t_states * 1e3:.1f} ms, hook-free {t_free * 1e3:.1f} ms -> ratio {ratio:.2f} (goal <= 3)")
-
-
-    steps = 32
-    with torch.inference_mode():
-        long, short, ratio = paired_times(decoder(ours, 1024, steps), decoder(ours, 64, steps), args.repeats)
-    print(f"[3] decoding per token: context 64 {short / steps * 1e3:.2f} ms, context 1024 {long / steps * 1e3:.2f} ms "
-          f"-> ratio {ratio:.2f} (goal <= 1.2)")
+    report_listener_cost(ours, tokens, args.repeats, "[2]")
+    report_decoding(ours, args.repeats, "[3]")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 2. forward with a ``hook_state`` listener / hook-free forward (goal <= 3x);
 3. generation, time per token at context 1024 / at context 64, in a GDN-only model (goal <= 1.2: flat).
 
-Times are medians over repeats after a warm-up; machines are noisy, so only the ratios mean something.
+Times are medians over repeats after a warm-up; the two sides of each ratio are timed alternately and the ratio is the
+median of the per-repeat ratios (bench/timing.py). Machines are noisy, so only the ratios mean something.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from qwen35_factory import randomise  # noqa: E402
-from timing import decoder, median_time  # noqa: E402  (bench/ is on sys.path when a script runs)
+from timing import paired_times, report_decoding, report_listener_cost  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 from writesae_lens.adapters.qwen35 import HookedQwen35  # noqa: E402
 
@@ -46,7 +47,6 @@ def tiny_models(layer_types, vocab=512):
     return hf, ours
 
 
-@torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -60,25 +60,13 @@ def main() -> None:
     hybrid = ["linear_attention"] * 3 + ["full_attention"]
     hf, ours = tiny_models(hybrid)
     tokens = torch.randint(0, 512, (args.batch, args.seq))
-    t_hf = median_time(lambda: hf(tokens, use_cache=False), args.repeats)
-    t_ours = median_time(lambda: ours(tokens), args.repeats)
+    with torch.inference_mode():
+        t_ours, t_hf, ratio = paired_times(lambda: ours(tokens), lambda: hf(tokens, use_cache=False), args.repeats)
     print(f"[1] hook-free forward {args.batch}x{args.seq}: transformers {t_hf * 1e3:.1f} ms, HookedQwen35 "
-          f"{t_ours * 1e3:.1f} ms -> ratio {t_ours / t_hf:.2f} (goal <= 1.0)")
-
-    state_hooks = [(f"blocks.{layer}.mixer.hook_state", lambda x, hook: None) for layer in ours.cfg.recurrent_layers]
-    t_states = median_time(lambda: ours.run_with_hooks(tokens, fwd_hooks=state_hooks), args.repeats)
-    print(f"[2] forward with hook_state listeners on all {len(state_hooks)} GDN layers: {t_states * 1e3:.1f} ms -> "
-          f"ratio {t_states / t_ours:.2f} vs hook-free (goal <= 3)")
-
+          f"{t_ours * 1e3:.1f} ms -> ratio {ratio:.2f} (goal <= 1.0)")
+    report_listener_cost(ours, tokens, args.repeats, "[2]")
     _, gdn_only = tiny_models(["linear_attention"] * 4)
-
-    def per_token(context: int, steps: int = 32) -> float:
-        return median_time(decoder(gdn_only, context, steps), args.repeats) / steps
-
-    short, long = per_token(64), per_token(1024)
-    print(f"[3] GDN-only decoding per token: context 64 {short * 1e3:.2f} ms, context 1024 {long * 1e3:.2f} ms -> "
-          f"ratio {long / short:.2f} (goal <= 1.2)")
-
+    report_decoding(gdn_only, args.repeats, "[3] GDN-only")
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import decoder, paired_times  # bench/ is on sys.path when a script runs
+from timing import report_decoding, report_listener_cost  # bench/ is on sys.path when a script runs
 
 from writesae_lens.adapters.rwkv7 import HookedRWKV7
 from writesae_lens.adapters.rwkv7.config import HookedRWKV7Config
@@ -77,22 +77,8 @@ def main() -> None:
           f"d_v {cfg.d_v}, vocab {cfg.d_vocab}; {args.threads} thread(s)")
     tokens = torch.randint(0, cfg.d_vocab, (args.batch, args.seq))
 
-    state_hooks = [(f"blocks.{layer}.mixer.hook_state", lambda x, hook: None) for layer in range(cfg.n_layers)]
-    for mode in (torch.no_grad, torch.inference_mode):
-        with mode():
-            t_states, t_free, ratio = paired_times(
-                lambda: model.run_with_hooks(tokens, fwd_hooks=state_hooks), lambda: model(tokens), args.repeats
-            )
-        print(f"[1] {mode.__name__}: forward {args.batch}x{args.seq} with hook_state listeners on all "
-              f"{len(state_hooks)} layers {t_states * 1e3:.1f} ms, hook-free {t_free * 1e3:.1f} ms -> ratio "
-              f"{ratio:.2f} (goal <= 3)")
-
-
-    steps = 32
-    with torch.inference_mode():
-        long, short, ratio = paired_times(decoder(model, 1024, steps), decoder(model, 64, steps), args.repeats)
-    print(f"[2] decoding per token: context 64 {short / steps * 1e3:.2f} ms, context 1024 {long / steps * 1e3:.2f} ms "
-          f"-> ratio {ratio:.2f} (goal <= 1.2)")
+    report_listener_cost(model, tokens, args.repeats, "[1]")
+    report_decoding(model, args.repeats, "[2]")
 
 
 if __name__ == "__main__":

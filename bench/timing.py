@@ -47,3 +47,26 @@ def decoder(model, context: int, steps: int = 32):
             model(token, cache=branch)
 
     return decode
+
+
+def report_listener_cost(model, tokens, repeats: int, label: str) -> None:
+    """Print forward time with a ``hook_state`` listener on every recurrent layer / hook-free, under ``no_grad`` (how
+    SAELens collects activations) and ``inference_mode`` (goal <= 3)."""
+    state_hooks = [(f"blocks.{layer}.mixer.hook_state", lambda x, hook: None)
+                   for layer, block in enumerate(model.blocks) if hasattr(block, "mixer")]
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            t_states, t_free, ratio = paired_times(
+                lambda: model.run_with_hooks(tokens, fwd_hooks=state_hooks), lambda: model(tokens), repeats
+            )
+        print(f"{label} {mode.__name__}: forward {tokens.shape[0]}x{tokens.shape[1]} with hook_state listeners on all "
+              f"{len(state_hooks)} layers {t_states * 1e3:.1f} ms, hook-free {t_free * 1e3:.1f} ms -> ratio "
+              f"{ratio:.2f} (goal <= 3)")
+
+
+def report_decoding(model, repeats: int, label: str, steps: int = 32) -> None:
+    """Print decoding time per token at context 1024 / at context 64 (goal <= 1.2: O(1) per token)."""
+    with torch.inference_mode():
+        long, short, ratio = paired_times(decoder(model, 1024, steps), decoder(model, 64, steps), repeats)
+    print(f"{label} decoding per token: context 64 {short / steps * 1e3:.2f} ms, context 1024 "
+          f"{long / steps * 1e3:.2f} ms -> ratio {ratio:.2f} (goal <= 1.2)")

@@ -165,3 +165,22 @@ def test_start_at_layer_continues_from_a_residual(model, tokens, full_cache):
     assert torch.allclose(loss, model(tokens, return_type="loss"), atol=1e-6)
     with pytest.raises(ValueError, match="residual stream"):
         model(tokens, start_at_layer=2)
+
+
+def test_fused_attention_equals_the_explicit_path(model, tokens):
+    """Without hooks on the scores or the pattern, attention runs in the fused kernel; listening to the pattern
+    switches to the explicit path: same logits, in one call and continuing from a cache."""
+    pattern = "blocks.3.attn.hook_pattern"
+    with torch.no_grad():
+        fused = model(tokens)
+        explicit, cache = model.run_with_cache(tokens, names_filter=pattern)
+        assert torch.allclose(fused, explicit, atol=1e-5)
+        assert cache[pattern].shape == (2, model.cfg.n_attn_heads, 70, 70)
+        continued = {}
+        for name, hooks in (("fused", []), ("explicit", [(pattern, lambda x, hook: x)])):
+            kv = model.empty_cache()
+            with model.hooks(fwd_hooks=hooks):
+                model(tokens[:, :50], cache=kv)
+                continued[name] = model(tokens[:, 50:], cache=kv)
+        assert torch.allclose(continued["fused"], continued["explicit"], atol=1e-5)
+        assert torch.allclose(continued["fused"], fused[:, 50:], atol=1e-4)

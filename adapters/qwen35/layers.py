@@ -82,7 +82,9 @@ class GatedAttention(nn.Module):
     """Hooks: ``hook_q`` / ``hook_k`` / ``hook_v`` [batch, pos, head, d_head] (q, k after their norms, before rotary),
     ``hook_rot_q`` / ``hook_rot_k`` (after rotary), ``hook_attn_scores`` / ``hook_pattern`` [batch, head, q_pos, k_pos],
     ``hook_z`` [batch, pos, head, d_head] (attention-weighted values), ``hook_gate`` [batch, pos, head, d_head]
-    (sigmoid of the output gate; the output is ``o_proj(z * gate)``)."""
+    (sigmoid of the output gate; the output is ``o_proj(z * gate)``). While nothing listens to the scores or the
+    pattern, they are never materialised: the fused ``scaled_dot_product_attention`` computes ``z`` (same values up to
+    float rounding)."""
 
     def __init__(self, cfg: HookedQwen35Config) -> None:
         super().__init__()
@@ -130,11 +132,18 @@ class GatedAttention(nn.Module):
                     layer_cache["valid"] = valid
         repeat = cfg.n_attn_heads // cfg.n_kv_heads
         grouped_q = q.transpose(1, 2).reshape(batch, cfg.n_kv_heads, repeat, n_pos, cfg.d_head)
-        scores = grouped_scores(grouped_q, k)  # [b, kv_head, repeat, q, k]
         n_keys = k.shape[2]
         allowed = torch.ones(n_pos, n_keys, dtype=torch.bool, device=x.device).tril(n_keys - n_pos)
         if valid is not None:
             allowed = allowed & valid[:, None, None, :]  # [batch, 1, q_pos, k_pos]
+        if shared is None and not (self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()):
+            # nobody looks at the scores: the fused kernel, on the same folded layout and mask
+            folded_allowed = allowed.unsqueeze(-3).expand(*allowed.shape[:-2], repeat, n_pos, n_keys)
+            grouped_z = F.scaled_dot_product_attention(
+                grouped_q.flatten(2, 3), k, v, attn_mask=folded_allowed.flatten(-3, -2), scale=cfg.d_head**-0.5
+            ).unflatten(2, (repeat, n_pos))  # [b, kv_head, repeat, q, d]
+            return self._output(grouped_z, gate)
+        scores = grouped_scores(grouped_q, k)  # [b, kv_head, repeat, q, k]
         if shared is not None:  # the shared keys come first on the key axis, masked by each row's valid length
             shared_k, shared_v, source, shared_valid = shared
             scores = torch.cat([grouped_scores(grouped_q, shared_k, source), scores], dim=-1)
@@ -147,6 +156,11 @@ class GatedAttention(nn.Module):
         grouped_z = grouped_mix(grouped_pattern[..., -n_keys:], v)  # [b, kv_head, repeat, q, d]
         if shared is not None:
             grouped_z = grouped_z + grouped_mix(grouped_pattern[..., :-n_keys], shared_v, source)
+        return self._output(grouped_z, gate)
+
+    def _output(self, grouped_z: Tensor, gate: Tensor) -> Tensor:
+        """``o_proj(z * sigmoid(gate))`` from the attention-weighted values [batch, kv_head, repeat, pos, d_head]."""
+        batch, n_pos = gate.shape[:2]
         z = self.hook_z(grouped_z.flatten(1, 2).transpose(1, 2))  # [batch, pos, head, d_head]
         gate = self.hook_gate(torch.sigmoid(gate))
         return self.o_proj((z * gate).reshape(batch, n_pos, -1))
