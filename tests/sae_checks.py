@@ -10,3 +10,30 @@ def explained_variance(sae, states):
     with torch.no_grad():
         recon = sae.decode(sae.encode(states))
     return float(1 - (states - recon).pow(2).sum() / (states - states.mean(0)).pow(2).sum())
+
+
+def runner_config(sae_cfg, hook_name: str, head: int, context: int, batch_prompts: int, steps: int, output, **settings):
+    """SAELens' runner config for a WriteSAE on one head of ``hook_name``, CPU, no logging: ``steps`` batches of
+    ``batch_prompts`` contexts of ``context`` tokens; ``settings`` override or add runner fields (dataset, lr, ...)."""
+    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
+
+    base = dict(
+        sae=sae_cfg, hook_name=hook_name, hook_head_index=head, streaming=False, context_size=context,
+        training_tokens=context * batch_prompts * steps, train_batch_size_tokens=context * batch_prompts,
+        store_batch_size_prompts=8, prepend_bos=False, device="cpu", lr=3e-3, logger=LoggingConfig(log_to_wandb=False),
+        output_path=str(output), verbose=False, seed=0,
+    )
+    return LanguageModelSAERunnerConfig(**{**base, **settings})
+
+
+def train_and_compare(sae_cfg, runner_cfg, model, dataset, states):
+    """Train with SAELens' runner; return (the trained SAE, explained variance on ``states`` of an untrained SAE with
+    the same mean initialisation of the decoder bias, that of the trained one)."""
+    import writesae_lens.saes as ws
+    from sae_lens import LanguageModelSAETrainingRunner
+
+    untrained = ws.WriteTopKTrainingSAE(sae_cfg)
+    with torch.no_grad():
+        untrained.b_dec.copy_(states.mean(0))  # the same mean initialisation, so only training differs
+    sae = LanguageModelSAETrainingRunner(runner_cfg, override_model=model, override_dataset=dataset).run()
+    return sae, explained_variance(untrained, states), explained_variance(sae, states)

@@ -7,10 +7,10 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
-from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens import SAE
 
 import writesae_lens.saes as ws
-from sae_checks import explained_variance
+from sae_checks import runner_config, train_and_compare
 from writesae_lens.adapters.rwkv7 import HookedRWKV7
 from writesae_lens.evaluation.sae_evals import evaluate_state_sae
 from writesae_lens.saes import factored
@@ -35,14 +35,10 @@ def test_rank2_runner_on_rwkv7_nonsquare_heads(model, tmp_path):
     cfg = model.cfg
     assert cfg.d_k != cfg.d_v
     sae_cfg = ws.WriteTopKTrainingSAEConfig(d_in=cfg.d_k * cfg.d_v, d_sae=64, d_k=cfg.d_k, d_v=cfg.d_v, k=4, rank=RANK)
-    runner_cfg = LanguageModelSAERunnerConfig(
-        sae=sae_cfg, model_name="rwkv7-nonsquare-fixture", hook_name=HOOK, hook_head_index=HEAD,
-        dataset_path="local-random-tokens", is_dataset_tokenized=True, streaming=False, context_size=CONTEXT,
-        training_tokens=CONTEXT * 8 * 150, train_batch_size_tokens=CONTEXT * 8, n_batches_in_buffer=8,
-        store_batch_size_prompts=8, prepend_bos=False, device="cpu", lr=3e-3, dead_feature_window=50,
-        feature_sampling_window=100, logger=LoggingConfig(log_to_wandb=False), output_path=str(tmp_path / "sae"),
-        verbose=False, seed=0,
-    )
+    runner_cfg = runner_config(sae_cfg, HOOK, HEAD, CONTEXT, batch_prompts=8, steps=150, output=tmp_path / "sae",
+                               model_name="rwkv7-nonsquare-fixture", dataset_path="local-random-tokens",
+                               is_dataset_tokenized=True, n_batches_in_buffer=8, dead_feature_window=50,
+                               feature_sampling_window=100)
     # 512 tokens, seen many times: a random model fed random tokens has little that carries over to unseen text, so
     # the variance is measured on the training states (the test is about the runner, factors and saving on RWKV-7)
     tokens = random_tokens(model, 16, seed=0)
@@ -51,13 +47,7 @@ def test_rank2_runner_on_rwkv7_nonsquare_heads(model, tmp_path):
         _, cache = model.run_with_cache(tokens, names_filter=HOOK)
     states = cache[HOOK][:, :, HEAD].flatten(0, 1)  # [n, d_k * d_v]
 
-    untrained = ws.WriteTopKTrainingSAE(sae_cfg)
-    with torch.no_grad():
-        untrained.b_dec.copy_(states.mean(0))  # the same mean initialisation, so only training differs
-    before = explained_variance(untrained, states)
-
-    sae = LanguageModelSAETrainingRunner(runner_cfg, override_model=model, override_dataset=dataset).run()
-    after = explained_variance(sae, states)
+    sae, before, after = train_and_compare(sae_cfg, runner_cfg, model, dataset, states)
     assert after > before + 0.3, (before, after)
 
     loaded = SAE.load_from_disk(tmp_path / "sae")

@@ -3,13 +3,13 @@
 import datasets
 import pytest
 import torch
-from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens import SAE
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
 import writesae_lens.saes as ws
-from sae_checks import explained_variance
+from sae_checks import runner_config, train_and_compare
 from writesae_lens.adapters.qwen35 import HookedQwen35
 from writesae_lens.data import load_heldout_documents, pretrained_path
 from writesae_lens.evaluation.sae_evals import evaluate_state_sae
@@ -39,24 +39,13 @@ def test_runner_trains_saves_loads_and_evaluates(model, documents, tmp_path):
     torch.set_num_threads(1)
     cfg = model.cfg
     sae_cfg = ws.WriteTopKTrainingSAEConfig(d_in=cfg.d_k * cfg.d_v, d_sae=256, d_k=cfg.d_k, d_v=cfg.d_v, k=8)
-    runner_cfg = LanguageModelSAERunnerConfig(
-        sae=sae_cfg, model_name="qwen35-tiny", hook_name=HOOK, hook_head_index=HEAD,
-        dataset_path="local-heldout", is_dataset_tokenized=False, streaming=False, context_size=CONTEXT,
-        training_tokens=CONTEXT * 16 * 200, train_batch_size_tokens=CONTEXT * 16, n_batches_in_buffer=16,
-        store_batch_size_prompts=8, prepend_bos=False, device="cpu", lr=3e-3, dead_feature_window=100,
-        feature_sampling_window=200, logger=LoggingConfig(log_to_wandb=False), output_path=str(tmp_path / "sae"),
-        verbose=False, seed=0,
-    )
+    runner_cfg = runner_config(sae_cfg, HOOK, HEAD, CONTEXT, batch_prompts=16, steps=200, output=tmp_path / "sae",
+                               model_name="qwen35-tiny", dataset_path="local-heldout", is_dataset_tokenized=False,
+                               n_batches_in_buffer=16, dead_feature_window=100, feature_sampling_window=200)
     dataset = datasets.Dataset.from_dict({"text": documents[:-24]})
     tokens, states = heldout_states(model, documents)
 
-    untrained = ws.WriteTopKTrainingSAE(sae_cfg)
-    with torch.no_grad():
-        untrained.b_dec.copy_(states.mean(0))  # the same mean initialisation, so only training differs
-    before = explained_variance(untrained, states)
-
-    sae = LanguageModelSAETrainingRunner(runner_cfg, override_model=model, override_dataset=dataset).run()
-    after = explained_variance(sae, states)
+    sae, before, after = train_and_compare(sae_cfg, runner_cfg, model, dataset, states)
     assert after > before + 0.2 and after > 0.5, (before, after)
 
     loaded = SAE.load_from_disk(tmp_path / "sae")
