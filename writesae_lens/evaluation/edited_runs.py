@@ -24,6 +24,14 @@ from ..hooking.cache import RecurrentCache
 from ..interventions import TIMING_HOOKS, mixer_hook
 
 
+def check_run_options(timing: str, kl_at: str) -> None:
+    """Clear errors for an unknown edit timing or KL read-out."""
+    if timing not in TIMING_HOOKS:
+        raise ValueError(f"timing must be one of {sorted(TIMING_HOOKS)}, got {timing!r}")
+    if kl_at not in ("next", "end"):
+        raise ValueError(f"kl_at must be 'next' or 'end', got {kl_at!r}")
+
+
 @dataclass
 class _NativeReads:
     """The native next-token distributions at one passage's read positions."""
@@ -55,10 +63,7 @@ class EditedRuns:
     """
 
     def __init__(self, model, layer: int, head: int, timing: str, kl_at: str, batch_size: int, progress=None) -> None:
-        if timing not in TIMING_HOOKS:
-            raise ValueError(f"timing must be one of {sorted(TIMING_HOOKS)}, got {timing!r}")
-        if kl_at not in ("next", "end"):
-            raise ValueError(f"kl_at must be 'next' or 'end', got {kl_at!r}")
+        check_run_options(timing, kl_at)
         self.model, self.layer, self.head, self.timing, self.kl_at = model, layer, head, timing, kl_at
         self.batch_size = max(1, batch_size)
         self.progress = progress  # a tqdm bar advanced by firing positions done, or None

@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..interventions import atom_matrices, gaussian_rank1, random_alive_atoms
-from .edited_runs import EditedRuns
+from .edited_runs import EditedRuns, check_run_options
 from .firings import FiringScan, check_cell, head_states, scan_firings, select_firings
 from .records import FiringRecord, records_frame
 
@@ -73,7 +73,7 @@ def replacement_test(
     if random_control not in ("atom", "gaussian"):
         raise ValueError(f"random_control must be 'atom' or 'gaussian', got {random_control!r}")
     tokens = model._as_tokens(tokens, prepend_bos=False)
-    runs = EditedRuns(model, layer, head, timing, kl_at, batch_size)  # checks timing and kl_at
+    check_run_options(timing, kl_at)
     scan = scan_firings(model, sae, layer, head, tokens, scan_batch_size, progress, keep_inputs=True)
     last = tokens.shape[1] - 1
     excluded = {last} if timing == "after_read" else set()  # an edit after the last read changes no output
@@ -94,7 +94,7 @@ def replacement_test(
 
     outcome: dict[tuple[int, int], dict] = {}
     bar = tqdm(total=sum(map(len, positions_by_passage.values())), desc="substitution test", disable=not progress)
-    runs.progress = bar
+    runs = EditedRuns(model, layer, head, timing, kl_at, batch_size, progress=bar)
     for p, positions in positions_by_passage.items():
         inputs = scan.passage_inputs.pop(p)
         at = torch.tensor(positions, device=inputs["k"].device)
