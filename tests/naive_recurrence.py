@@ -1,6 +1,7 @@
 """A deliberately plain token-by-token reference of a recurrent layer with edits, for the edit tests.
 
-Everything is written out per token with Python dicts of edits, so that it shares no code with the library.
+Everything is written out per token with Python dicts of edits, so that it shares no code with the library. One loop
+(``naive_matrix_recurrence``) serves every family; each family's reference only spells out its transition matrix.
 """
 
 from __future__ import annotations
@@ -17,8 +18,32 @@ def naive_edited_layer(
     state_sets: dict | None = None,  # {(b, t, h): [d_k, d_v]} replacing S_t (the read at t sees it)
     initial_state=None,
 ):
-    """Returns (reads [b, p, h, d_v], final state [b, h, d_k, d_v], trajectory [b, p, h, d_k, d_v])."""
-    q, k, v, beta, g = (x.double() for x in (q, k, v, beta, g))
+    """Gated DeltaNet (``delta_rule``) or Mamba-2: transition ``a (I - beta k k^T)`` or ``a I``, ``a = exp(g)``.
+    Returns (reads [b, p, h, d_v], final state [b, h, d_k, d_v], trajectory [b, p, h, d_k, d_v])."""
+    k, beta, g = (x.double() for x in (k, beta, g))
+    d_k = k.shape[-1]
+
+    def transition(b, t, h):
+        a = torch.exp(g[b, t, h])
+        out = a * torch.eye(d_k, dtype=torch.double)
+        if delta_rule:
+            out = out - a * beta[b, t, h] * torch.outer(k[b, t, h], k[b, t, h])
+        return out
+
+    return naive_matrix_recurrence(q, k, v, beta, transition, write_k, write_v, write_beta, adds_before, adds_after,
+                                   state_sets, initial_state)
+
+
+def naive_matrix_recurrence(
+    q, k, v, beta,  # the read query and the native write factors: [b, p, h, d_k|d_v] and [b, p, h]
+    transition,  # (b, t, h) -> [d_k, d_k] float64: S_t = transition @ S_{t-1} + write
+    write_k=None, write_v=None, write_beta=None, adds_before=None, adds_after=None, state_sets=None,
+    initial_state=None,
+):
+    """The loop every family's reference shares, per (batch row, head, token) with explicit matrices in float64:
+    ``S_t = T_t S_{t-1} + beta_t k_t v_t^T`` (+ edits), ``read_t = S_t^T q_t``. Edits as in ``naive_edited_layer``.
+    Returns (reads [b, p, h, d_v], final state [b, h, d_k, d_v], trajectory [b, p, h, d_k, d_v])."""
+    q, k, v, beta = (x.double() for x in (q, k, v, beta))
     wk = k if write_k is None else write_k.double()
     wv = v if write_v is None else write_v.double()
     wb = beta if write_beta is None else write_beta.double()
@@ -32,12 +57,7 @@ def naive_edited_layer(
         for h in range(n_heads):
             S = torch.zeros(d_k, d_v, dtype=torch.double) if initial_state is None else initial_state[b, h].double()
             for t in range(n_pos):
-                a = torch.exp(g[b, t, h])
-                kt = k[b, t, h]
-                transition = a * torch.eye(d_k, dtype=torch.double)
-                if delta_rule:
-                    transition = transition - a * beta[b, t, h] * torch.outer(kt, kt)
-                S = transition @ S + wb[b, t, h] * torch.outer(wk[b, t, h], wv[b, t, h])
+                S = transition(b, t, h) @ S + wb[b, t, h] * torch.outer(wk[b, t, h], wv[b, t, h])
                 if (b, t, h) in adds_before:
                     S = S + adds_before[(b, t, h)].double()
                 if (b, t, h) in state_sets:

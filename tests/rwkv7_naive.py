@@ -1,7 +1,7 @@
 """A deliberately plain token-by-token reference of RWKV-7's state recurrence with edits, for the RWKV-7 tests.
 
 Written out per (batch row, head, token) with explicit [d_k, d_k] transition matrices in float64 and Python dicts of
-edits, so that it shares no code with the library:
+edits (the loop of ``naive_recurrence.naive_matrix_recurrence``), so that it shares no code with the library:
 
     S_t = (diag(exp(w_t)) - ea_t eb_t^T) S_{t-1} + c_t k_t v_t^T,     read_t = S_t^T q_t
 
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from naive_recurrence import naive_matrix_recurrence
+
 
 def naive_rwkv7_layer(
     q, k, v, w, ea, eb,  # native factors: [b, p, h, d_k|d_v]
@@ -27,33 +29,15 @@ def naive_rwkv7_layer(
     initial_state=None,
 ):
     """Returns (reads [b, p, h, d_v], final state [b, h, d_k, d_v], trajectory [b, p, h, d_k, d_v]) in float64."""
-    q, k, v, w, ea, eb = (x.double() for x in (q, k, v, w, ea, eb))
-    batch, n_pos, n_heads, d_k = k.shape
-    d_v = v.shape[-1]
-    beta = torch.ones(batch, n_pos, n_heads, dtype=torch.double) if beta is None else beta.double()
-    wk = k if write_k is None else write_k.double()
-    wv = v if write_v is None else write_v.double()
-    wb = beta if write_beta is None else write_beta.double()
-    adds_before, adds_after, state_sets = adds_before or {}, adds_after or {}, state_sets or {}
-    reads = torch.zeros(batch, n_pos, n_heads, d_v, dtype=torch.double)
-    traj = torch.zeros(batch, n_pos, n_heads, d_k, d_v, dtype=torch.double)
-    final = torch.zeros(batch, n_heads, d_k, d_v, dtype=torch.double)
-    for b in range(batch):
-        for h in range(n_heads):
-            S = torch.zeros(d_k, d_v, dtype=torch.double) if initial_state is None else initial_state[b, h].double()
-            for t in range(n_pos):
-                transition = torch.diag(torch.exp(w[b, t, h])) - torch.outer(ea[b, t, h], eb[b, t, h])
-                S = transition @ S + wb[b, t, h] * torch.outer(wk[b, t, h], wv[b, t, h])
-                if (b, t, h) in adds_before:
-                    S = S + adds_before[(b, t, h)].double()
-                if (b, t, h) in state_sets:
-                    S = state_sets[(b, t, h)].double().clone()
-                traj[b, t, h] = S
-                reads[b, t, h] = S.T @ q[b, t, h]
-                if (b, t, h) in adds_after:
-                    S = S + adds_after[(b, t, h)].double()
-            final[b, h] = S
-    return reads, final, traj
+    w, ea, eb = (x.double() for x in (w, ea, eb))
+    if beta is None:
+        beta = torch.ones(k.shape[:3], dtype=torch.double)
+
+    def transition(b, t, h):
+        return torch.diag(torch.exp(w[b, t, h])) - torch.outer(ea[b, t, h], eb[b, t, h])
+
+    return naive_matrix_recurrence(q, k, v, beta, transition, write_k, write_v, write_beta, adds_before, adds_after,
+                                   state_sets, initial_state)
 
 
 def rwkv7_factors(batch, n_pos, n_heads, d_k, d_v, seed):
