@@ -89,7 +89,7 @@ class EditedRuns:
 
         rows = [(t, condition) for t in positions for condition in edits[t]]
         while rows:
-            room = self.batch_size - sum(len(r.labels) for r in self.pending)
+            room = self.batch_size - self._pending_rows()
             piece, rows = rows[:room], rows[room:]
             row_starts = [self.start_position(t) for t, _ in piece]
             row_reads = [self.read_position(t, n_pos) for t, _ in piece]
@@ -105,8 +105,11 @@ class EditedRuns:
                 read_index=torch.tensor([read_of[r] for r in row_reads]),
                 labels=[(passage, t, condition) for t, condition in piece],
             ))
-            if sum(len(r.labels) for r in self.pending) >= self.batch_size:
+            if self._pending_rows() >= self.batch_size:
                 self._flush()
+
+    def _pending_rows(self) -> int:
+        return sum(len(r.labels) for r in self.pending)
 
     def finish(self) -> None:
         if self.pending:
