@@ -1,6 +1,7 @@
 """What every hooked family promises, checked on each (Qwen3.5 hybrid, Mamba-2, RWKV-7; non-square heads): clear
 errors for bad input, hooks that never outlive their context, the state trajectory built only when listened to, the
-calls SAELens makes, and checkpoint loading that names every missing, unexpected or mis-shaped weight. What only one
+calls SAELens makes, checkpoint loading that names every missing, unexpected or mis-shaped weight, and generation
+(with and without a cache; greedy equal to transformers where it is the reference). What only one
 family has (its hook points, its config checks) is tested in that family's own files."""
 
 from pathlib import Path
@@ -166,3 +167,26 @@ def test_checkpoint_errors_name_every_bad_weight(family, tmp_path):
     with pytest.raises(ValueError, match="shape mismatches") as err:
         cls.from_pretrained(tampered_checkpoint(folder, tmp_path / "reshaped", reshape))
     assert reshape.name in str(err.value)
+
+
+def test_generation_without_cache_equals_with_cache(family):
+    _, _, model = family
+    prompt = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    cached = model.generate(prompt, max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False)
+    uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False,
+                              use_past_kv_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("pair", ["qwen35_pair", "mamba2_pair"])
+def test_greedy_generation_matches_transformers(pair, request):
+    """20 greedy tokens equal transformers' ``generate`` (RWKV-7's reference needs triton: its cached continuation is
+    checked against fla's golden logits in test_rwkv7_parity.py)."""
+    hf, model = request.getfixturevalue(pair)
+    prompt = torch.tensor([[5, 17, 33, 2, 8, 71, 9]])
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20, eos_token_id=None,
+                          pad_token_id=0)
+    ours = model.generate(prompt, max_new_tokens=20, do_sample=False, stop_at_eos=False, verbose=False)
+    assert ours.shape == (1, 27)
+    assert torch.equal(ours, ref)
