@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 
 from naive_recurrence import naive_edited_layer
+from writesae_lens.ops.state_edits import StateEdits
 
 FACTORS = ("hook_read_q", "hook_write_k", "hook_write_v", "hook_write_beta", "hook_decay")
+
+
+def state_edits(matrices: dict, **flags) -> StateEdits:
+    """The ``StateEdits`` of ``{(batch, pos, head): [d_k, d_v]}`` (flags as ``StateEdits.build``: after_read, assign)."""
+    index = torch.tensor(list(matrices)).T
+    return StateEdits.build(index[0], index[1], index[2], torch.stack(list(matrices.values())), **flags)
 
 
 def assert_close(ours, ref, tol=1e-5):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule
 
+from edit_checks import state_edits
 from naive_recurrence import naive_edited_layer
 from writesae_lens.ops.gated_delta import recurrence_chunked, recurrence_reference
 from writesae_lens.ops.state_edits import StateEdits, propagate_edits
@@ -84,12 +85,10 @@ def test_propagated_edits_equal_naive_edited_run():
     before, after, sets = mats(cells_before), mats(cells_after), mats(cells_set)
     base_reads, base_final, base_traj = recurrence_reference(q, k, beta[..., None] * v, g, beta, return_trajectory=True)
 
-    def edits(d, **flags):
-        idx = torch.tensor(list(d)).T
-        return StateEdits.build(idx[0], idx[1], idx[2], torch.stack(list(d.values())), **flags)
 
     set_corrections = {c: m - base_traj[c] for c, m in sets.items()}
-    all_edits = StateEdits.concat(edits(before), edits(after, after_read=True), edits(set_corrections, assign=True))
+    all_edits = StateEdits.concat(state_edits(before), state_edits(after, after_read=True),
+                                  state_edits(set_corrections, assign=True))
     read_delta, final_delta, traj_delta = propagate_edits(q, k, g, beta, all_edits, return_trajectory=True)
     ref_reads, ref_final, ref_traj = naive_edited_layer(q, k, v, beta, g, adds_before=before, adds_after=after,
                                                         state_sets=sets)
@@ -97,7 +96,7 @@ def test_propagated_edits_equal_naive_edited_run():
     assert torch.allclose(base_final + final_delta, ref_final.float(), atol=1e-5)
     assert torch.allclose(base_traj + traj_delta, ref_traj.float(), atol=1e-5)
 
-    only_row_one = edits({(1, 10, 1): after[(1, 10, 1)]}, after_read=True)
+    only_row_one = state_edits({(1, 10, 1): after[(1, 10, 1)]}, after_read=True)
     read_delta, _, _ = propagate_edits(q, k, g, beta, only_row_one)
     assert torch.count_nonzero(read_delta[[0, 2]]) == 0
     assert torch.count_nonzero(read_delta[1, :11]) == 0  # after the read at 10: position 10 is unchanged

@@ -5,6 +5,7 @@ pure-torch ``dplr_recurrence`` (loaded from its file; skipped when the file is a
 import pytest
 import torch
 
+from edit_checks import state_edits
 from rwkv7_naive import load_fla_dplr_naive, naive_rwkv7_layer, rwkv7_factors
 from writesae_lens.ops.dplr import dplr_chunked, dplr_recurrence, dplr_reference, propagate_dplr_edits
 from writesae_lens.ops.state_edits import StateEdits
@@ -110,12 +111,10 @@ def test_propagated_edits_equal_naive_edited_run():
     sets = mats([(1, 20, 0)])
     base_reads, base_final, base_traj = dplr_reference(r, k, v, w, ea, eb, return_trajectory=True)
 
-    def edits(d, **flags):
-        idx = torch.tensor(list(d)).T
-        return StateEdits.build(idx[0], idx[1], idx[2], torch.stack(list(d.values())), **flags)
 
     set_corrections = {c: m - base_traj[c] for c, m in sets.items()}
-    all_edits = StateEdits.concat(edits(before), edits(after, after_read=True), edits(set_corrections, assign=True))
+    all_edits = StateEdits.concat(state_edits(before), state_edits(after, after_read=True),
+                                  state_edits(set_corrections, assign=True))
     read_delta, final_delta, traj_delta = propagate_dplr_edits(r, w, ea, eb, all_edits, return_trajectory=True)
     ref_reads, ref_final, ref_traj = naive_rwkv7_layer(r, k, v, w, ea, eb, adds_before=before, adds_after=after,
                                                        state_sets=sets)
@@ -123,7 +122,7 @@ def test_propagated_edits_equal_naive_edited_run():
     close(base_final + final_delta, ref_final, 1e-5)
     close(base_traj + traj_delta, ref_traj, 1e-5)
 
-    only_row_one = edits({(1, 10, 1): after[(1, 10, 1)]}, after_read=True)
+    only_row_one = state_edits({(1, 10, 1): after[(1, 10, 1)]}, after_read=True)
     read_delta, _, _ = propagate_dplr_edits(r, w, ea, eb, only_row_one)
     assert torch.count_nonzero(read_delta[[0, 2]]) == 0
     assert torch.count_nonzero(read_delta[1, :11]) == 0  # after the read at 10: position 10 is unchanged
