@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -59,17 +58,14 @@ def vocab_for(shape: str, layers: int) -> int:
 
 
 def build_models(shape: str, layers: int):
-    """transformers' Mamba2ForCausalLM with random weights, and HookedMamba2 loaded from its checkpoint."""
+    """transformers' Mamba2ForCausalLM with random weights, and HookedMamba2 on the same weights."""
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     config = Mamba2Config(vocab_size=vocab_for(shape, layers), num_hidden_layers=layers, **SHAPES[shape])
     torch.manual_seed(0)
     hf = Mamba2ForCausalLM(config).eval()
     randomise(hf, 0)
-    with tempfile.TemporaryDirectory() as folder:
-        hf.save_pretrained(folder)
-        ours = HookedMamba2.from_pretrained(folder).eval()
-    return hf, ours
+    return hf, HookedMamba2.from_hf_model(hf).eval()
 
 
 def main() -> None:

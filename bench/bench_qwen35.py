@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -41,10 +40,7 @@ def tiny_models(layer_types, vocab=512):
     torch.manual_seed(0)
     hf = Qwen3_5ForCausalLM(config).eval()
     randomise(hf, 0)
-    with tempfile.TemporaryDirectory() as folder:
-        hf.save_pretrained(folder)
-        ours = HookedQwen35.from_pretrained(folder).eval()
-    return hf, ours
+    return hf, HookedQwen35.from_hf_model(hf).eval()
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ import argparse
 import copy
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -58,10 +57,7 @@ def build_model(shape: str, device: str, dtype: torch.dtype) -> HookedQwen35:
     hf = Qwen3_5ForCausalLM(Qwen3_5TextConfig(max_position_embeddings=4096, **SHAPES[shape])).eval()
     if shape == "tiny":
         randomise(hf, 0)
-    with tempfile.TemporaryDirectory() as folder:
-        hf.save_pretrained(folder)
-        del hf
-        return HookedQwen35.from_pretrained(folder, device=device, dtype=dtype).eval()
+    return HookedQwen35.from_hf_model(hf, device=device, dtype=dtype).eval()
 
 
 def build_sae(model, tokens, layer, head, d_sae, k):
