@@ -36,10 +36,6 @@ class FiringScan:
     passage_inputs: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     _keys: np.ndarray | None = field(default=None, repr=False)  # passage * n_pos + position, built on first lookup
 
-    def firings(self) -> list[tuple[int, int, int]]:
-        """Every (passage, position, feature) with a non-zero code."""
-        return list(zip(self.passage.tolist(), self.position.tolist(), self.feature.tolist()))
-
     def active_at(self, passage: int, position: int) -> tuple[np.ndarray, np.ndarray]:
         """The active features at (passage, position) and their codes."""
         if self._keys is None or len(self._keys) != len(self.passage):
