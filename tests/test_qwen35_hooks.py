@@ -184,3 +184,22 @@ def test_fused_attention_equals_the_explicit_path(model, tokens):
                 continued[name] = model(tokens[:, 50:], cache=kv)
         assert torch.allclose(continued["fused"], continued["explicit"], atol=1e-5)
         assert torch.allclose(continued["fused"], fused[:, 50:], atol=1e-4)
+
+
+def test_rows_from_snapshots_share_keys_and_select_keeps_them_shared(model, tokens):
+    """Rows made from cache snapshots read the passage's attention keys in place; continuing them equals continuing
+    the full prefix, and ``select`` of some rows continues like those rows."""
+    positions = [10, 37, 52]
+    with torch.no_grad():
+        cache = model.empty_cache()
+        cache.request_snapshots(positions, range(model.cfg.n_layers))
+        model(tokens[:1], cache=cache)
+        rows = cache.rows_from_snapshots(torch.arange(len(positions)))
+        assert rows.layers[3]["k"].shape[0] == 1 and rows.layers[3]["source"].tolist() == [0, 0, 0]
+        step = torch.stack([tokens[0, s : s + 1] for s in positions])  # each row's next token
+        continued = model(step, cache=rows.copy())
+        full = model(tokens[:1])
+        for r, s in enumerate(positions):
+            assert torch.allclose(continued[r, 0], full[0, s], atol=1e-4)
+        picked = model(step[[2, 0]], cache=rows.select([2, 0]))
+        assert torch.allclose(picked, continued[[2, 0]], atol=1e-6)
