@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..interventions import atom_matrices, gaussian_rank1, random_alive_atoms
 from .edited_runs import EditedRuns, check_run_options
 from .firings import FiringScan, check_cell, head_states, scan_firings, select_firings
-from .records import FiringRecord, records_frame
+from .records import RECORD_COLUMNS, FiringRecord, records_frame
 
 __all__ = ["CONDITIONS", "FiringScan", "check_cell", "head_states", "replacement_test", "scan_firings",
            "select_firings"]
@@ -143,5 +143,5 @@ def replacement_test(
     return records_frame(records)
 
 
-RESULT_FIELDS = ("atom", "coefficient", "native_write_norm", "kl_atom", "kl_delete", "kl_random", "kl_atom_rev",
-                 "kl_delete_rev", "kl_random_rev", "top1_native", "top1_atom", "top1_delete", "top1_random")
+# what a record holds besides where the firing is: the outcome of testing it
+RESULT_FIELDS = tuple(c for c in RECORD_COLUMNS if c not in ("passage", "position", "layer", "head", "feature"))
