@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from qwen35_factory import randomise  # noqa: E402
+from sae_checks import firing_sae  # noqa: E402
 
-import writesae_lens.saes as ws  # noqa: E402
 from writesae_lens.adapters.qwen35 import HookedQwen35  # noqa: E402
 from writesae_lens.evaluation.substitution import head_states, replacement_test  # noqa: E402
 from writesae_lens.interventions import atom_matrices  # noqa: E402
@@ -58,16 +58,6 @@ def build_model(shape: str, device: str, dtype: torch.dtype) -> HookedQwen35:
     if shape == "tiny":
         randomise(hf, 0)
     return HookedQwen35.from_hf_model(hf, device=device, dtype=dtype).eval()
-
-
-def build_sae(model, tokens, layer, head, d_sae, k):
-    cfg = model.cfg
-    sae = ws.WriteTopKSAE(ws.WriteTopKSAEConfig(d_in=cfg.d_k * cfg.d_v, d_sae=d_sae, d_k=cfg.d_k, d_v=cfg.d_v, k=k,
-                                                device=cfg.device))
-    states, _ = head_states(model, tokens, layer, head)
-    with torch.no_grad():
-        sae.b_dec.copy_(states.flatten(0, 1).mean(0))
-    return sae
 
 
 @torch.no_grad()
@@ -122,7 +112,7 @@ def main() -> None:
     else:
         tokens = torch.randint(0, model.cfg.d_vocab, (args.passages, args.pos), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(args.device)
-    sae = build_sae(model, tokens, args.layer, args.head, d_sae=256, k=16)
+    sae = firing_sae(model, tokens, args.layer, args.head, d_sae=256, k=16)
 
     def sync():
         if args.device.startswith("cuda"):

@@ -37,3 +37,19 @@ def train_and_compare(sae_cfg, runner_cfg, model, dataset, states):
         untrained.b_dec.copy_(states.mean(0))  # the same mean initialisation, so only training differs
     sae = LanguageModelSAETrainingRunner(runner_cfg, override_model=model, override_dataset=dataset).run()
     return sae, explained_variance(untrained, states), explained_variance(sae, states)
+
+
+def firing_sae(model, tokens, layer: int, head: int, d_sae: int = 32, k: int = 4, seed: int = 0):
+    """An untrained WriteTopKSAE on one head's states of ``tokens``: random factors (``seed``), decoder bias at the
+    data mean, so that it fires; on the model's device."""
+    import writesae_lens.saes as ws
+    from writesae_lens.evaluation.substitution import head_states
+
+    cfg = model.cfg
+    torch.manual_seed(seed)
+    sae = ws.WriteTopKSAE(ws.WriteTopKSAEConfig(d_in=cfg.d_k * cfg.d_v, d_sae=d_sae, d_k=cfg.d_k, d_v=cfg.d_v, k=k,
+                                                device=str(cfg.device)))
+    states, _ = head_states(model, tokens, layer, head)
+    with torch.no_grad():
+        sae.b_dec.copy_(states.flatten(0, 1).mean(0))
+    return sae

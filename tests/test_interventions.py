@@ -8,6 +8,7 @@ import torch
 from naive_recurrence import naive_edited_layer
 from rwkv7_factory import random_rwkv7
 from rwkv7_naive import naive_rwkv7_layer
+from sae_checks import firing_sae
 from writesae_lens import interventions as iv
 from writesae_lens.evaluation.substitution import head_states
 
@@ -30,8 +31,6 @@ def dplr_reference(f, **edits):
 @pytest.fixture(scope="module", params=["qwen35", "mamba2", "rwkv7"])
 def family(request, qwen35_pair, mamba2_pair):
     """(model, passages, native factors of layer LAYER, naive reference, SAE on head HEAD)."""
-    import writesae_lens.saes as ws
-
     if request.param == "rwkv7":
         model, (naive, names) = random_rwkv7(97), (dplr_reference, (*WRITE, "hook_erase_a", "hook_erase_b"))
     else:
@@ -41,12 +40,7 @@ def family(request, qwen35_pair, mamba2_pair):
     with torch.no_grad():
         _, cache = model.run_with_cache(passages, names_filter=[iv.mixer_hook(LAYER, n) for n in names])
     native = {n: cache[iv.mixer_hook(LAYER, n)] for n in names}
-    cfg = model.cfg
-    torch.manual_seed(0)
-    sae = ws.WriteTopKSAE(ws.WriteTopKSAEConfig(d_in=cfg.d_k * cfg.d_v, d_sae=32, d_k=cfg.d_k, d_v=cfg.d_v, k=4))
-    states, _ = head_states(model, passages, LAYER, HEAD)
-    with torch.no_grad():
-        sae.b_dec.copy_(states.flatten(0, 1).mean(0))  # random factors, bias at the data mean: it fires
+    sae = firing_sae(model, passages, LAYER, HEAD)
     return model, passages, native, naive, sae
 
 

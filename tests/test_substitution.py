@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from sae_checks import firing_sae
 from substitution_checks import assert_records_match_hook_path
 from writesae_lens.evaluation.records import RECORD_COLUMNS
 from writesae_lens.evaluation.stats import format_summary, summarize
-from writesae_lens.evaluation.substitution import head_states, replacement_test
+from writesae_lens.evaluation.substitution import replacement_test
 
 LAYER, HEAD = 1, 2
 
@@ -24,15 +25,7 @@ def passages():
 @pytest.fixture(scope="module")
 def sae(model, passages):
     """A WriteSAE on head HEAD's states: random factors, decoder bias at the data mean, so that it fires."""
-    import writesae_lens.saes as ws
-
-    cfg = model.cfg
-    torch.manual_seed(0)
-    sae = ws.WriteTopKSAE(ws.WriteTopKSAEConfig(d_in=cfg.d_k * cfg.d_v, d_sae=32, d_k=cfg.d_k, d_v=cfg.d_v, k=4))
-    states, _ = head_states(model, passages, LAYER, HEAD)
-    with torch.no_grad():
-        sae.b_dec.copy_(states.flatten(0, 1).mean(0))
-    return sae
+    return firing_sae(model, passages, LAYER, HEAD)
 
 
 @pytest.mark.parametrize("timing,kl_at", [("after_read", "next"), ("write", "next"), ("after_read", "end")])
