@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=1)
     parser.add_argument("--head", type=int, default=2)
     parser.add_argument("--firings", type=int, default=120)
-    parser.add_argument("--batch-size", type=int, default=96, help="rows per batch (replacement_test's default)")
+    parser.add_argument("--batch-size", type=int, default=192, help="rows per batch (replacement_test's default)")
     parser.add_argument("--naive-firings", type=int, default=40, help="firings timed for the straightforward protocol")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="paired timed runs of both protocols (medians)")

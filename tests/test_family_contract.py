@@ -190,3 +190,31 @@ def test_greedy_generation_matches_transformers(pair, request):
     ours = model.generate(prompt, max_new_tokens=20, do_sample=False, stop_at_eos=False, verbose=False)
     assert ours.shape == (1, 27)
     assert torch.equal(ours, ref)
+
+
+def test_final_positions_equal_the_full_run_and_leave_the_same_cache(family):
+    """``final_positions`` returns the full run's logits at those positions (the last block may skip the others)
+    and updates the cache exactly as the full run does; bad selections are refused."""
+    _, _, model = family
+    tokens = tokens_for(model, n_pos=14)
+    positions = torch.tensor([[3, 0, 13], [7, 7, 2]])  # per row, unsorted, repeated
+    rows = torch.arange(2)[:, None]
+    with torch.no_grad():
+        full_cache, kept_cache = model.empty_cache(), model.empty_cache()
+        full = model(tokens[:, :10], cache=full_cache)
+        kept = model(tokens[:, :10], cache=kept_cache, final_positions=positions.clamp(max=9))
+        assert kept.shape == (2, 3, model.cfg.d_vocab)
+        assert torch.allclose(kept, full[rows, positions.clamp(max=9)], atol=1e-5)
+        later_full = model(tokens[:, 10:], cache=full_cache)
+        later_kept = model(tokens[:, 10:], cache=kept_cache, final_positions=torch.tensor([[3, 1], [0, 2]]))
+        assert torch.allclose(later_kept, later_full[rows, torch.tensor([[3, 1], [0, 2]])], atol=1e-5)
+        whole = model(tokens)
+        assert torch.allclose(model(tokens, final_positions=positions), whole[rows, positions], atol=1e-5)
+    with pytest.raises(ValueError, match="stop_at_layer"):
+        model(tokens, stop_at_layer=1, final_positions=positions)
+    with pytest.raises(ValueError, match=r"lie in \[0, 14\)"):
+        model(tokens, final_positions=positions + 1)
+    with pytest.raises(ValueError, match=r"integer tensor \[batch=2, n_sel\]"):
+        model(tokens, final_positions=positions.float())
+    with pytest.raises(ValueError, match="loss"):
+        model(tokens, return_type="loss", final_positions=positions)

@@ -203,3 +203,52 @@ def test_rows_from_snapshots_share_keys_and_select_keeps_them_shared(model, toke
             assert torch.allclose(continued[r, 0], full[0, s], atol=1e-4)
         picked = model(step[[2, 0]], cache=rows.select([2, 0]))
         assert torch.allclose(picked, continued[[2, 0]], atol=1e-6)
+
+
+def test_snapshots_per_batch_row_continue_like_each_rows_prefix(model, tokens):
+    """With positions [batch, n_sel] every passage keeps its own snapshots; rows made from any passage's snapshots
+    read that passage's attention keys and continue like its full run (GQA attention, d_k != d_v recurrent heads)."""
+    per_row = torch.tensor([[10, 37, 37], [0, 52, 21]])  # row 0 pads by repeating a position
+    with torch.no_grad():
+        cache = model.empty_cache()
+        cache.request_snapshots(per_row, range(1, model.cfg.n_layers))
+        resid = model(tokens[:2], stop_at_layer=1)
+        model(resid, start_at_layer=1, stop_at_layer=model.cfg.n_layers, cache=cache)
+        which, rows = torch.tensor([2, 0, 1, 1, 2]), torch.tensor([1, 0, 1, 0, 0])
+        made = cache.rows_from_snapshots(which, rows)
+        assert made.layers[3]["k"].shape[0] == 2 and made.layers[3]["source"].tolist() == rows.tolist()
+        one = cache.rows_from_snapshots(torch.tensor([0, 2]), torch.tensor([1, 1]))  # one passage: one source
+        assert one.layers[3]["k"].shape[0] == 1 and one.layers[3]["source"].tolist() == [0, 0]
+        assert torch.equal(one.layers[3]["k"][0], cache.layers[3]["k"][1, :, : one.seq_len])
+        starts = per_row[rows, which]
+        step = torch.stack([resid[r, s : s + 1] for r, s in zip(rows.tolist(), starts.tolist())])
+        continued = model.unembed(model.ln_final(
+            model(step, start_at_layer=1, stop_at_layer=model.cfg.n_layers, cache=made)))
+        full = model(tokens[:2])
+        for i, (r, s) in enumerate(zip(rows.tolist(), starts.tolist())):
+            assert torch.allclose(continued[i, 0], full[r, s], atol=1e-4)
+    with pytest.raises(ValueError, match=r"\[n_sel\] or \[batch, n_sel\]"):
+        model.empty_cache().request_snapshots(torch.zeros(1, 2, 3), [1])
+
+
+@pytest.mark.parametrize("name", ["recurrent_only", "square_custom_layers"])
+def test_final_positions_with_a_recurrent_last_layer(qwen35_folders, name):
+    """A Gated DeltaNet last block computes its output only at the kept positions (the hook points after its mixer
+    see those), equal to the full run there, with the same cache."""
+    from writesae_lens.adapters.qwen35 import HookedQwen35
+
+    model = HookedQwen35.from_pretrained(qwen35_folders[name]).eval()
+    last = model.cfg.n_layers - 1
+    assert not model.blocks[last].is_attention
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 70), generator=torch.Generator().manual_seed(1))
+    positions = torch.tensor([[69, 0, 33], [64, 65, 5]])
+    seen = []
+    with torch.no_grad():
+        full_cache, kept_cache = model.empty_cache(), model.empty_cache()
+        full = model(tokens, cache=full_cache)
+        kept = model.run_with_hooks(tokens, cache=kept_cache, final_positions=positions, fwd_hooks=[
+            (f"blocks.{last}.hook_resid_mid", lambda x, hook: seen.append(x.shape))])
+        assert seen == [(2, 3, model.cfg.d_model)]
+        assert torch.allclose(kept, full[torch.arange(2)[:, None], positions], atol=1e-5)
+        step = tokens[:, :1]
+        assert torch.allclose(model(step, cache=kept_cache), model(step, cache=full_cache), atol=1e-6)

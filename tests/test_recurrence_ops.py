@@ -111,6 +111,12 @@ def test_states_at_selected_positions(chunk):
     _, _, picked = recurrence_chunked(q, k, beta[..., None] * v, g, beta, s0, chunk_size=chunk, state_positions=positions)
     assert picked.shape == (2, 6, 3, 5, 7)
     assert torch.allclose(picked, traj[:, positions], atol=2e-5)
+    per_row = torch.tensor([[0, 7, 8, 30], [44, 8, 18, 1]])  # each batch row its own positions
+    _, _, picked = recurrence_chunked(q, k, beta[..., None] * v, g, beta, s0, chunk_size=chunk, state_positions=per_row)
+    _, _, picked_ref = recurrence_reference(q, k, beta[..., None] * v, g, beta, s0, state_positions=per_row)
+    for row in range(2):
+        assert torch.allclose(picked[row], traj[row, per_row[row]], atol=2e-5)
+        assert torch.equal(picked_ref[row], traj[row, per_row[row]])
 
 
 @pytest.mark.parametrize("delta_rule", [True, False], ids=["delta-rule", "no-erase"])
@@ -151,3 +157,17 @@ def test_large_trajectories_use_the_huge_page_buffer_and_stay_exact():
     ref = recurrence_reference(q, k, beta[..., None] * v, g, beta, s0, return_trajectory=True)[2]
     fast = recurrence_chunked(q, k, beta[..., None] * v, g, beta, s0, return_trajectory=True)[2]
     assert torch.allclose(fast, ref, atol=1e-4)
+
+
+def test_all_finite_is_exact_including_overflowing_sums():
+    from writesae_lens.ops.finite import all_finite
+
+    x = torch.full((4, 3), 3e38)  # finite entries whose float32 sum overflows
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[2, 1] = bad
+        assert not all_finite(y)
+    both = torch.tensor([float("inf"), -float("inf"), 1.0])  # the sum is NaN
+    assert not all_finite(both)
+    assert all_finite(torch.zeros(0))

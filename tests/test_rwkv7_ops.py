@@ -68,6 +68,10 @@ def test_states_at_selected_positions(chunk):
     assert picked.shape == (2, 6, 3, 5, 7)
     close(picked, traj[:, positions])
     assert torch.equal(picked_ref, traj[:, positions])
+    per_row = torch.tensor([[0, 7, 30], [44, 8, 1]])  # each batch row its own positions
+    _, _, picked = dplr_chunked(r, k, v, w, ea, eb, s0, chunk_size=chunk, state_positions=per_row)
+    for row in range(2):
+        close(picked[row], traj[row, per_row[row]])
 
 
 def test_dispatch_agrees_with_reference_for_decoding_lengths():

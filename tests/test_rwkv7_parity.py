@@ -179,3 +179,19 @@ def test_cache_snapshots_continue_like_the_full_run(model_and_golden):
         rows = cache.rows_from_snapshots(torch.arange(len(positions)))
         step = model(tokens[0, positions][:, None], cache=rows)  # [rows, 1, vocab]
     assert rel(step[:, 0], golden["logits"][0, positions]) < 1e-5
+
+
+def test_snapshots_per_batch_row_continue_like_the_full_run(model_and_golden):
+    """Per-row snapshot positions [batch, n_sel]: a step from any row's snapshot reproduces that row's logits."""
+    model, golden = model_and_golden
+    tokens = golden["tokens"]  # [2, pos]
+    per_row = torch.tensor([[0, 5, 12], [3, 19, 3]])
+    cache = model.empty_cache()
+    cache.request_snapshots(per_row, range(model.cfg.n_layers))
+    which, rows = torch.tensor([1, 0, 2, 1]), torch.tensor([1, 0, 0, 0])
+    with torch.no_grad():
+        model(tokens, cache=cache)
+        made = cache.rows_from_snapshots(which, rows)
+        starts = per_row[rows, which]
+        step = model(tokens[rows, starts][:, None], cache=made)  # [rows, 1, vocab]
+    assert rel(step[:, 0], golden["logits"][rows, starts]) < 1e-5

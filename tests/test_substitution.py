@@ -89,3 +89,32 @@ def test_bad_input(model, sae, passages):
         with torch.no_grad():
             sae.b_enc.zero_()
             sae.b_dec.copy_(saved)
+
+
+def test_records_do_not_depend_on_batching(model, sae, passages, monkeypatch):
+    """Rows per batch, passages per native pass and rows per KL block change how the work is cut, not the records."""
+    from writesae_lens.evaluation import edited_runs
+
+    kwargs = dict(max_firings_per_feature=3, max_firings=20, progress=False)
+    reference = replacement_test(model, sae, LAYER, HEAD, passages, **kwargs)
+    monkeypatch.setattr(edited_runs, "_kl_block_rows", lambda d_vocab, device: 2)
+    cut = replacement_test(model, sae, LAYER, HEAD, passages, batch_size=7, passage_batch_size=2, **kwargs)
+    assert cut[["passage", "position", "feature", "atom"]].equals(reference[["passage", "position", "feature", "atom"]])
+    kl_columns = [c for c in reference.columns if c.startswith("kl_")]
+    assert (cut[kl_columns] - reference[kl_columns]).abs().to_numpy().max() < 1e-7
+    top1 = [c for c in reference.columns if c.startswith("top1_")]
+    assert cut[top1].equals(reference[top1])
+
+
+def test_kl_both_directions_equals_the_plain_formulas():
+    from writesae_lens.evaluation.edited_runs import kl_both_directions
+
+    generator = torch.Generator().manual_seed(5)
+    native = torch.log_softmax(torch.randn(6, 50, generator=generator, dtype=torch.float64) * 3, dim=-1)
+    logits = torch.randn(6, 50, generator=generator) * 3
+    forward, reverse = kl_both_directions(native, native.exp(), logits)
+    condition = torch.log_softmax(logits.double(), dim=-1)
+    assert torch.allclose(forward, (native.exp() * (native - condition)).sum(-1), atol=1e-12)
+    assert torch.allclose(reverse, (condition.exp() * (condition - native)).sum(-1), atol=1e-12)
+    same, same_rev = kl_both_directions(native, native.exp(), native.float())
+    assert same.abs().max() < 1e-6 and same_rev.abs().max() < 1e-6

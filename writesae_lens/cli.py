@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="edit the cache after position t is read (the paper's), or the write itself")
     subst.add_argument("--kl-at", choices=["next", "end"], default="next",
                        help="read the KL at the first output the edit can change, or at the passage end")
-    subst.add_argument("--batch-size", type=int, default=96, help="rows (firings x 3 conditions) per batch")
+    subst.add_argument("--batch-size", type=int, default=192, help="rows (firings x 3 conditions) per batch")
     subst.add_argument("--seed", type=int, default=2026)
     _output_arguments(subst)
     return parser

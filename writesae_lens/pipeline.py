@@ -120,7 +120,7 @@ def train_state_sae(model, documents: list[str], settings: TrainSettings, output
 def run_substitution(model, sae, layer: int, head: int, passages: torch.Tensor, output: Path, *, seed: int = 2026,
                      max_firings_per_feature: int | None = 300, max_firings: int | None = None,
                      amplitude: str = "natural", timing: str = "after_read", kl_at: str = "next",
-                     batch_size: int = 96) -> tuple:
+                     batch_size: int = 192) -> tuple:
     """The substitution test, its statistics and plots; writes records.csv, summary.txt/json and two PNGs."""
     from .evaluation.plots import plot_kl_scatter, plot_log_ratio_density
     from .evaluation.records import save_records

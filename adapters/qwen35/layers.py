@@ -22,6 +22,7 @@ from writesae_lens.hooking.components import GatedMLP, RMSNorm
 from writesae_lens.hooking.conv import causal_conv
 from writesae_lens.hooking.grouped_attention import grouped_mix, grouped_scores
 from writesae_lens.hooking.write_mixer import MatrixWriteMixer
+from writesae_lens.ops.gated_delta import at_positions
 
 from .config import ATTENTION, HookedQwen35Config
 
@@ -52,7 +53,8 @@ class GatedDeltaNet(MatrixWriteMixer):
         self.out_proj = nn.Linear(value_dim, cfg.d_model, bias=False)
         self.hook_gate = HookPoint()  # [batch, pos, head, d_v]
 
-    def forward(self, x: Tensor, layer_cache: dict | None) -> Tensor:
+    def forward(self, x: Tensor, layer_cache: dict | None, keep: Tensor | None = None) -> Tensor:
+        """``keep`` [batch, n_keep]: the output only at those positions (the recurrence still runs them all)."""
         cfg = self.cfg
         batch, n_pos, _ = x.shape
         mixed = causal_conv(self.in_proj_qkv(x), self.conv1d.weight, None, layer_cache)  # [batch, pos, conv_dim]
@@ -67,6 +69,8 @@ class GatedDeltaNet(MatrixWriteMixer):
         log_decay = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
 
         reads = self.recur_with_cache(q, k, v, beta, log_decay, layer_cache)  # [batch, pos, head, d_v]
+        if keep is not None:
+            reads, x, n_pos = at_positions(reads, keep), at_positions(x, keep), keep.shape[1]
 
         z = self.hook_gate(self.in_proj_z(x).reshape(batch, n_pos, cfg.n_heads, cfg.d_v))
         return self.out_proj(self._gated_norm(reads.to(x.dtype), z).reshape(batch, n_pos, -1))
@@ -101,16 +105,24 @@ class GatedAttention(nn.Module):
                      "hook_z", "hook_gate"):
             setattr(self, name, HookPoint())
 
-    def forward(self, x: Tensor, layer_cache: dict | None, pos_offset: int | Tensor) -> Tensor:
+    def forward(self, x: Tensor, layer_cache: dict | None, pos_offset: int | Tensor,
+                keep: Tensor | None = None) -> Tensor:
+        """``keep`` [batch, n_keep]: queries (and the output) only at those positions; keys and values, and so the
+        cache, still cover every position."""
         cfg = self.cfg
         batch, n_pos, _ = x.shape
-        query_gate = self.q_proj(x).reshape(batch, n_pos, cfg.n_attn_heads, 2 * cfg.d_head)
+        steps = torch.arange(n_pos, device=x.device)
+        query_at = steps if keep is None else keep.to(x.device)  # [q] or [batch, q]: the queries' positions here
+        n_q = query_at.shape[-1]
+        x_q = x if keep is None else at_positions(x, keep)
+        query_gate = self.q_proj(x_q).reshape(batch, n_q, cfg.n_attn_heads, 2 * cfg.d_head)
         q, gate = query_gate.chunk(2, dim=-1)
-        q = self.hook_q(self.q_norm(q))  # [batch, pos, head, d_head]
+        q = self.hook_q(self.q_norm(q))  # [batch, q_pos, head, d_head]
         k = self.hook_k(self.k_norm(self.k_proj(x).reshape(batch, n_pos, cfg.n_kv_heads, cfg.d_head)))
         v = self.hook_v(self.v_proj(x).reshape(batch, n_pos, cfg.n_kv_heads, cfg.d_head))
-        cos, sin = self._rotary(pos_offset, n_pos, x)
-        q, k = self.hook_rot_q(_rotate(q, cos, sin)), self.hook_rot_k(_rotate(k, cos, sin))
+        key_angles = self._rotary(pos_offset, steps, x)
+        query_angles = key_angles if keep is None else self._rotary(pos_offset, query_at, x)
+        q, k = self.hook_rot_q(_rotate(q, *query_angles)), self.hook_rot_k(_rotate(k, *key_angles))
 
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [batch, kv_head, pos, d_head]
         shared = None  # (keys, values, source, valid): cached keys read in place by several rows (see below)
@@ -131,24 +143,26 @@ class GatedAttention(nn.Module):
                     valid = torch.cat([layer_cache["valid"], layer_cache["valid"].new_ones(batch, n_pos)], dim=1)
                     layer_cache["valid"] = valid
         repeat = cfg.n_attn_heads // cfg.n_kv_heads
-        grouped_q = q.transpose(1, 2).reshape(batch, cfg.n_kv_heads, repeat, n_pos, cfg.d_head)
+        grouped_q = q.transpose(1, 2).reshape(batch, cfg.n_kv_heads, repeat, n_q, cfg.d_head)
         n_keys = k.shape[2]
-        allowed = torch.ones(n_pos, n_keys, dtype=torch.bool, device=x.device).tril(n_keys - n_pos)
+        # a query at position i of this call sees the keys up to its own (the new keys are the last n_pos)
+        allowed = torch.arange(n_keys, device=x.device) <= (query_at + n_keys - n_pos)[..., None]  # [(batch,) q, k]
+        allowed = allowed.reshape(-1 if allowed.dim() == 3 else 1, 1, n_q, n_keys)  # [batch or 1, 1, q, k]
         if valid is not None:
             allowed = allowed & valid[:, None, None, :]  # [batch, 1, q_pos, k_pos]
         if shared is None and not (self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()):
             # nobody looks at the scores: the fused kernel, on the same folded layout and mask
-            folded_allowed = allowed.unsqueeze(-3).expand(*allowed.shape[:-2], repeat, n_pos, n_keys)
+            folded_allowed = allowed.unsqueeze(-3).expand(*allowed.shape[:-2], repeat, n_q, n_keys)
             grouped_z = F.scaled_dot_product_attention(
                 grouped_q.flatten(2, 3), k, v, attn_mask=folded_allowed.flatten(-3, -2), scale=cfg.d_head**-0.5
-            ).unflatten(2, (repeat, n_pos))  # [b, kv_head, repeat, q, d]
+            ).unflatten(2, (repeat, n_q))  # [b, kv_head, repeat, q, d]
             return self._output(grouped_z, gate)
         scores = grouped_scores(grouped_q, k)  # [b, kv_head, repeat, q, k]
         if shared is not None:  # the shared keys come first on the key axis, masked by each row's valid length
             shared_k, shared_v, source, shared_valid = shared
             scores = torch.cat([grouped_scores(grouped_q, shared_k, source), scores], dim=-1)
-            allowed = torch.cat([shared_valid[:, None, :].expand(batch, n_pos, -1),
-                                 allowed.expand(batch, n_pos, n_keys)], dim=-1)[:, None]
+            allowed = torch.cat([shared_valid[:, None, None, :].expand(batch, 1, n_q, -1),
+                                 allowed.expand(batch, 1, n_q, n_keys)], dim=-1)
         scores = scores.flatten(1, 2) * cfg.d_head**-0.5  # [batch, head, q_pos, k_pos]
         scores = self.hook_attn_scores(scores.masked_fill(~allowed, float("-inf")))
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
@@ -165,13 +179,14 @@ class GatedAttention(nn.Module):
         gate = self.hook_gate(torch.sigmoid(gate))
         return self.o_proj((z * gate).reshape(batch, n_pos, -1))
 
-    def _rotary(self, pos_offset, n_pos: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin [1 or batch, pos, 1, rotary_dim]; ``pos_offset`` is an int or a per-row [batch] tensor."""
-        steps = torch.arange(n_pos, device=x.device)
+    def _rotary(self, pos_offset, steps: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [1 or batch, pos, 1, rotary_dim] at positions ``pos_offset + steps``; ``pos_offset`` is an int or
+        a per-row [batch] tensor, ``steps`` [pos] or per row [batch, pos]."""
         if isinstance(pos_offset, Tensor):
             positions = (pos_offset.to(x.device)[:, None] + steps).float()  # [batch, pos]
         else:
-            positions = (pos_offset + steps).float()[None]  # [1, pos]
+            positions = (pos_offset + steps).float()
+        positions = positions.reshape(-1 if positions.dim() == 2 else 1, positions.shape[-1])  # [1 or batch, pos]
         freqs = positions[..., None] * self.inv_freq
         angles = torch.cat([freqs, freqs], dim=-1)  # [1 or batch, pos, rotary_dim]
         return angles.cos().to(x.dtype)[:, :, None], angles.sin().to(x.dtype)[:, :, None]
@@ -209,12 +224,19 @@ class Qwen35Block(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, resid: Tensor, layer_cache: dict | None, pos_offset: int | Tensor) -> Tensor:
+    supports_keep = True  # forward(..., keep=positions): see HookedRecurrentLM.forward's final_positions
+
+    def forward(self, resid: Tensor, layer_cache: dict | None, pos_offset: int | Tensor,
+                keep: Tensor | None = None) -> Tensor:
+        """``keep`` [batch, n_keep]: the output [batch, n_keep, d_model] only at those positions; the mixer (and so the
+        cache) still runs every position, the hook points after it see only the kept ones."""
         resid = self.hook_resid_pre(resid)
         if self.is_attention:
-            mixed = self.hook_attn_out(self.attn(self.ln1(resid), layer_cache, pos_offset))
+            mixed = self.hook_attn_out(self.attn(self.ln1(resid), layer_cache, pos_offset, keep))
         else:
-            mixed = self.hook_mixer_out(self.mixer(self.ln1(resid), layer_cache))
+            mixed = self.hook_mixer_out(self.mixer(self.ln1(resid), layer_cache, keep))
+        if keep is not None:
+            resid = at_positions(resid, keep)
         resid = self.hook_resid_mid(resid + mixed)
         resid = self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
         return resid

@@ -23,6 +23,7 @@ from transformer_lens.hook_points import HookPoint
 
 from writesae_lens.hooking.dplr_mixer import DPLRWriteMixer
 from writesae_lens.hooking.write_mixer import run_hook_keeping_shape
+from writesae_lens.ops.gated_delta import at_positions
 
 from .config import DECAY_FLOOR, HookedRWKV7Config
 
@@ -75,7 +76,7 @@ def token_shift(x: Tensor, layer_cache: dict | None, key: str) -> Tensor:
     if layer_cache is not None:
         layer_cache[key] = full[:, -1]
         if layer_cache.get("snapshot_at") is not None:
-            layer_cache.setdefault("snapshots", {})[key] = full[:, layer_cache["snapshot_at"].to(x.device)]
+            layer_cache.setdefault("snapshots", {})[key] = at_positions(full, layer_cache["snapshot_at"])
     return full[:, :-1] - x
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..interventions import mixer_hook
+from ..ops.finite import all_finite
 
 
 @dataclass
@@ -126,7 +127,7 @@ def scan_firings(model, sae, layer: int, head: int, tokens: Tensor, batch_size: 
     parts = []
     for start in tqdm(range(0, n_passages, batch_size), desc="scan firings", disable=not progress):
         states, factors = head_states(model, tokens[start : start + batch_size], layer, head)
-        if not torch.isfinite(states.sum(dtype=torch.float64)):  # one fp64 sum: non-finite iff an entry is
+        if not all_finite(states):
             raise ValueError("non-finite recurrent states in the scanned passages")
         codes = sae.encode(states.to(sae.device, sae.dtype)).float().cpu()  # [b, p, d_sae]
         active = codes > 0

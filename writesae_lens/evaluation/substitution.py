@@ -16,10 +16,11 @@ KL is read (``kl_at``): ``"next"``, the first output the edit can change, or ``"
 with the rest teacher-forced.
 
 How it is fast and still exact: the scan (``firings.py``) runs the layers before the edited one once, up to its
-write; per passage with firings, one native pass from the edited layer keeps cache snapshots at the firing
-positions (only those states are materialised, from the chunked algebra; no cache is ever copied per condition);
-then firings x conditions of any passages run as batches in which every row starts from its own snapshot, shares
-its passage's attention keys, and runs only the positions up to where its KL is read (``edited_runs.py``).
+write; one batched native pass from the edited layer per group of passages with firings keeps each passage's cache
+snapshots at its firing positions (only those states are materialised, from the chunked algebra; no cache is ever
+copied per condition); then firings x conditions of any passages run as batches in which every row starts from its
+own snapshot, shares its passage's attention keys, and runs only the positions up to where its KL is read
+(``edited_runs.py``).
 Every record equals what the hook path (``interventions.add_to_state`` on the whole passage) gives.
 """
 
@@ -58,15 +59,16 @@ def replacement_test(
     timing: Literal["after_read", "write"] = "after_read",
     kl_at: Literal["next", "end"] = "next",
     random_control: Literal["atom", "gaussian"] = "atom",
-    batch_size: int = 96,
-    scan_batch_size: int = 8,
+    batch_size: int = 192,
+    passage_batch_size: int = 8,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run the substitution protocol on ``tokens`` ``[n_passages, n_pos]``; one record per selected firing.
 
-    ``batch_size`` bounds the rows (firings x 3 conditions) run together, and so the memory. The records table has
-    the columns of ``writesae_lens.evaluation.records`` (``kl_*`` = KL(p_native || p_condition), ``kl_*_rev`` the
-    other direction); save it with ``records.save_records``.
+    ``batch_size`` bounds the rows (firings x 3 conditions) run together and ``passage_batch_size`` the passages of
+    one forward pass of the scan and of the native passes (with their cache snapshots), and so the memory. The
+    records table has the columns of ``writesae_lens.evaluation.records`` (``kl_*`` = KL(p_native || p_condition),
+    ``kl_*_rev`` the other direction); save it with ``records.save_records``.
     """
     if amplitude not in ("natural", "native_norm"):
         raise ValueError(f"amplitude must be 'natural' or 'native_norm', got {amplitude!r}")
@@ -74,7 +76,7 @@ def replacement_test(
         raise ValueError(f"random_control must be 'atom' or 'gaussian', got {random_control!r}")
     tokens = model._as_tokens(tokens, prepend_bos=False)
     check_run_options(timing, kl_at)
-    scan = scan_firings(model, sae, layer, head, tokens, scan_batch_size, progress, keep_inputs=True)
+    scan = scan_firings(model, sae, layer, head, tokens, passage_batch_size, progress, keep_inputs=True)
     last = tokens.shape[1] - 1
     excluded = {last} if timing == "after_read" else set()  # an edit after the last read changes no output
     chosen = select_firings(scan, max_firings_per_feature, max_firings, seed, excluded)
@@ -95,6 +97,7 @@ def replacement_test(
     outcome: dict[tuple[int, int], dict] = {}
     bar = tqdm(total=sum(map(len, positions_by_passage.values())), desc="substitution test", disable=not progress)
     runs = EditedRuns(model, layer, head, timing, kl_at, batch_size, progress=bar)
+    group = []  # passages waiting for their (batched) native pass
     for p, positions in positions_by_passage.items():
         inputs = scan.passage_inputs.pop(p)
         at = torch.tensor(positions, device=inputs["k"].device)
@@ -131,7 +134,12 @@ def replacement_test(
         for i, t in enumerate(positions):
             outcome[(p, t)] = {"atom": int(chosen_atoms[i]), "coefficient": coefficients[i],
                                "native_write_norm": float(native_norm[i])}
-        runs.add(p, inputs, edits)
+        group.append((p, inputs, edits))
+        if len(group) == passage_batch_size:
+            runs.add(group)
+            group = []
+    if group:
+        runs.add(group)
     runs.finish()
     bar.close()
 

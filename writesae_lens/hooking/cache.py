@@ -59,32 +59,46 @@ class RecurrentCache:
 
     def request_snapshots(self, positions, layers) -> None:
         """Ask the next forward call to keep, for each position s (counted from the start of that call, 0..n_pos),
-        the cache as it was after the call's first s tokens, in the given layers (a batch-1 call). Read them back
-        with ``rows_from_snapshots``. Recurrent layers store only those states; attention layers keep their keys."""
+        the cache as it was after the call's first s tokens, in the given layers. ``positions`` is ``[n_sel]`` (the
+        same positions in every batch row) or ``[batch, n_sel]`` (each row its own; pad a short row by repeating one
+        of its positions). Read them back with ``rows_from_snapshots``. Recurrent layers store only those states;
+        attention layers keep their keys."""
         positions = torch.as_tensor(positions, dtype=torch.long)
+        if positions.dim() not in (1, 2):
+            raise ValueError(f"snapshot positions must be [n_sel] or [batch, n_sel], got shape {tuple(positions.shape)}")
         for layer in layers:
             self.layers[layer]["snapshot_at"] = positions
 
-    def rows_from_snapshots(self, which: Tensor) -> "RecurrentCache":
-        """A batched cache whose row r is snapshot ``which[r]`` (an index into the requested positions): the state
-        after the first ``positions[which[r]]`` tokens. Rows sit at different positions (``positions`` per row)."""
+    def rows_from_snapshots(self, which: Tensor, rows: Tensor | None = None) -> "RecurrentCache":
+        """A batched cache whose row r is snapshot ``which[r]`` (an index into the requested positions) of batch row
+        ``rows[r]`` (default: row 0): the state after that row's first ``positions[which[r]]`` tokens. Rows sit at
+        different positions (``positions`` per row) and read their batch row's attention keys in place."""
         which = torch.as_tensor(which, dtype=torch.long)
+        rows = torch.zeros_like(which) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         layers, lengths = [], None
         for layer in self.layers:
             if "snapshots" in layer:
                 snaps = layer["snapshots"]
-                layers.append({name: t[0, which.to(t.device)] for name, t in snaps.items()})
-                lengths = layer["snapshot_at"][which] + self.seq_len - layer["snapshot_len"]
+                layers.append({name: t[rows.to(t.device), which.to(t.device)] for name, t in snaps.items()})
+                at = layer["snapshot_at"]
+                at = at[which] if at.dim() == 1 else at[rows, which]
+                lengths = at + self.seq_len - layer["snapshot_len"]
             else:
                 layers.append({})
         if lengths is None:
             raise ValueError("this cache holds no snapshots: call request_snapshots before the forward pass")
         longest = int(lengths.max())
+        # attention keys are read in place: only the batch rows used become sources (a view when they are adjacent)
+        used, source = torch.unique(rows, return_inverse=True)
+        first, last = int(used[0]), int(used[-1])
+        adjacent = last - first + 1 == len(used)
         for layer, new in zip(self.layers, layers):
-            if "k" in layer and "snapshots" not in layer:  # attention keys: read in place by every row (source 0)
+            if "k" in layer and "snapshots" not in layer:
                 device = layer["k"].device
-                new["k"], new["v"] = layer["k"][:1, :, :longest], layer["v"][:1, :, :longest]
-                new["source"] = torch.zeros(len(which), dtype=torch.long, device=device)
+                for name in SHARED_KEYS:
+                    keys = layer[name][:, :, :longest]
+                    new[name] = keys[first : last + 1] if adjacent else keys[used.to(device)]
+                new["source"] = source.to(device)
                 new["valid"] = torch.arange(longest, device=device)[None, :] < lengths.to(device)[:, None]
         return RecurrentCache(layers, longest, lengths)
 

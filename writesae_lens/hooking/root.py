@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
+from ..ops.gated_delta import at_positions
 from .cache import RecurrentCache
 from .sampling import sample_next_token
 from .write_mixer import SPARSE_HOOK_NAMES
@@ -163,6 +164,7 @@ class HookedRecurrentLM(HookedRootModule):
         cache: RecurrentCache | None = None,
         start_at_layer: int | None = None,
         tokens: Tensor | None = None,
+        final_positions: Tensor | None = None,
         **unused: Any,
     ):
         """Run the model. ``return_type``: "logits" ``[batch, pos, d_vocab]``, "loss" (mean next-token loss, or
@@ -170,7 +172,12 @@ class HookedRecurrentLM(HookedRootModule):
         residual stream entering block n (``n = n_layers``: the final one, before ``ln_final``; only then can a cache
         be passed with it). ``start_at_layer=n`` takes that residual stream ``[batch, pos, d_model]``
         as ``input`` and runs blocks n onwards (pass ``tokens`` too for a loss). ``cache``: a ``RecurrentCache`` to
-        continue from; it is updated (only its blocks from ``start_at_layer`` on, when that is set)."""
+        continue from; it is updated (only its blocks from ``start_at_layer`` on, when that is set).
+
+        ``final_positions`` [batch, n_sel] (long): the logits (or, with ``stop_at_layer=n_layers``, the final residual
+        stream) only at those positions of each row, ``[batch, n_sel, ...]``. The cache still covers every position;
+        the last block skips its position-wise work elsewhere when it can (``supports_keep``), and then its hook
+        points after the mixer see only the selected positions. No loss with it."""
         if unused.get("attention_mask") is not None:
             raise ValueError("attention_mask is not supported: recurrent layers have no padding mask; pass unpadded rows")
         if return_type not in ("logits", "loss", "both", None):
@@ -199,11 +206,20 @@ class HookedRecurrentLM(HookedRootModule):
         offset = cache.offsets() if cache is not None else 0
         if resid is None:
             resid = self.hook_embed(self.embed(tokens))  # [batch, pos, d_model]
+        n_pos = resid.shape[1]
+        if final_positions is not None:
+            final_positions = self._checked_final_positions(final_positions, resid.shape[0], n_pos, last, return_type)
         for layer in range(first, last):
             layer_cache = cache.layers[layer] if cache is not None else None
-            resid = self.blocks[layer](resid, layer_cache, offset)
+            block = self.blocks[layer]
+            if final_positions is None or layer < self.cfg.n_layers - 1:
+                resid = block(resid, layer_cache, offset)
+            elif getattr(block, "supports_keep", False):
+                resid = block(resid, layer_cache, offset, keep=final_positions)  # [batch, n_sel, d_model]
+            else:
+                resid = at_positions(block(resid, layer_cache, offset), final_positions)
         if cache is not None:
-            cache.advance(resid.shape[1])
+            cache.advance(n_pos)
         if stop_at_layer is not None:
             return resid
         if return_type is None:
@@ -213,6 +229,20 @@ class HookedRecurrentLM(HookedRootModule):
             return logits
         loss = next_token_loss(logits, tokens, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def _checked_final_positions(self, positions, batch: int, n_pos: int, last: int, return_type) -> Tensor:
+        if last != self.cfg.n_layers:
+            raise ValueError("final_positions selects outputs of the last layer: it needs stop_at_layer=None or n_layers")
+        if return_type in ("loss", "both"):
+            raise ValueError("final_positions cannot be combined with a loss (it needs every position's logits)")
+        if not isinstance(positions, Tensor) or positions.dim() != 2 or positions.shape[0] != batch \
+                or positions.is_floating_point():
+            got = f"{positions.dtype} {tuple(positions.shape)}" if isinstance(positions, Tensor) else type(positions).__name__
+            raise ValueError(f"final_positions must be an integer tensor [batch={batch}, n_sel]; got {got}")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= n_pos):
+            raise ValueError(f"final_positions must lie in [0, {n_pos}) (positions of this call); got "
+                             f"{int(positions.min())}..{int(positions.max())}")
+        return positions.to(self.cfg.device, torch.long)
 
     def _as_tokens(self, input, prepend_bos) -> Tensor:
         if isinstance(input, (str, list)):

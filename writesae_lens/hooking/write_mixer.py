@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from ..ops.finite import all_finite
 from ..ops.gated_delta import recurrence
 from ..ops.state_edits import StateEdits, propagate_edits, validate_edits
 
@@ -166,7 +167,8 @@ class MatrixWriteMixer(nn.Module):
                          **transition_factors) -> Tensor:
         """``run_recurrence`` from the cached state, storing the final state back (and, when the cache requests
         snapshots, the states before each requested position: ``layer_cache["snapshots"]["state"]``
-        [batch, n_sel, head, d_k, d_v], position 0 being the state the call started from). Returns the reads."""
+        [batch, n_sel, head, d_k, d_v], position 0 being the state the call started from; the positions are
+        ``[n_sel]`` or per row ``[batch, n_sel]``). Returns the reads."""
         initial = layer_cache.get("state") if layer_cache is not None else None
         snapshot_at = layer_cache.get("snapshot_at") if layer_cache is not None else None
         factors = (read_q, write_k, write_v, write_beta, log_decay, initial)
@@ -175,7 +177,7 @@ class MatrixWriteMixer(nn.Module):
         else:
             reads, final, picked = self.run_recurrence(*factors, (snapshot_at - 1).clamp(min=0), **transition_factors)
             start = initial if initial is not None else torch.zeros_like(final)
-            at_start = (snapshot_at == 0).to(picked.device)[None, :, None, None, None]
+            at_start = (snapshot_at == 0).to(picked.device).expand(picked.shape[:2])[..., None, None, None]
             layer_cache.setdefault("snapshots", {})["state"] = torch.where(at_start, start[:, None], picked)
             layer_cache["snapshot_len"] = write_k.shape[1]
         if layer_cache is not None:
@@ -242,7 +244,7 @@ def run_hook_keeping_shape(hook_point: HookPoint, tensor: Tensor) -> Tensor:
 def _hooked(hook_point: HookPoint, tensor: Tensor) -> Tensor:
     """Run a write-interface hook point; when hooks are attached, also check that they returned finite values."""
     out = run_hook_keeping_shape(hook_point, tensor)
-    if hook_point.has_hooks() and not torch.isfinite(out).all():
+    if hook_point.has_hooks() and not all_finite(out):
         raise ValueError(f"a hook on {hook_point.name} returned non-finite values")
     return out
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .gated_delta import initial_state_or_zeros, trajectory_buffer
+from .gated_delta import at_positions, initial_state_or_zeros, trajectory_buffer
 from .state_edits import StateEdits, propagate_through
 
 DEFAULT_CHUNK_SIZE = 16  # the pairwise decays are [chunk, chunk, d_k] per chunk and head
@@ -56,7 +56,7 @@ def dplr_reference(
     erase_b: Float[Tensor, "batch pos head d_k"],
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
     return_trajectory: bool = False,
-    state_positions: Int[Tensor, " n_sel"] | None = None,
+    state_positions: Int[Tensor, "*rows n_sel"] | None = None,
 ) -> tuple[
     Float[Tensor, "batch pos head d_v"],
     Float[Tensor, "batch head d_k d_v"],
@@ -66,7 +66,7 @@ def dplr_reference(
 
     The third output is the whole trajectory ``[batch, pos, head, d_k, d_v]`` (``S_t`` after the write at t) with
     ``return_trajectory``, only the states at ``state_positions`` ``[batch, n_sel, head, d_k, d_v]`` when those are
-    given, else None.
+    given (``[n_sel]`` or per row ``[batch, n_sel]``), else None.
     """
     batch, n_pos, n_heads, d_k = key.shape
     d_v = write_value.shape[-1]
@@ -83,7 +83,7 @@ def dplr_reference(
         if keep:
             trajectory[:, t] = state
     if state_positions is not None:
-        trajectory = trajectory[:, state_positions.to(key.device).long()]
+        trajectory = at_positions(trajectory, state_positions)
     return reads, state, trajectory
 
 
@@ -97,7 +97,7 @@ def dplr_chunked(
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
     return_trajectory: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    state_positions: Int[Tensor, " n_sel"] | None = None,
+    state_positions: Int[Tensor, "*rows n_sel"] | None = None,
 ) -> tuple[
     Float[Tensor, "batch pos head d_v"],
     Float[Tensor, "batch head d_k d_v"],
@@ -174,7 +174,7 @@ def dplr_chunked(
         trajectory = _chunk_trajectories(torch.stack(start_states, dim=2), k, u, w, ea, recalled_all)
         trajectory = trajectory.reshape(batch, n_chunks * chunk_size, n_heads, d_k, d_v)[:, :n_pos]
         if state_positions is not None:
-            trajectory = trajectory[:, state_positions.to(key.device).long()]
+            trajectory = at_positions(trajectory, state_positions)
     return reads, state, trajectory
 
 

@@ -39,7 +39,7 @@ def recurrence_reference(
     erase_strength: Float[Tensor, "batch pos head"] | None = None,
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
     return_trajectory: bool = False,
-    state_positions: Int[Tensor, " n_sel"] | None = None,
+    state_positions: Int[Tensor, "*rows n_sel"] | None = None,
 ) -> tuple[
     Float[Tensor, "batch pos head d_v"],
     Float[Tensor, "batch head d_k d_v"],
@@ -49,13 +49,13 @@ def recurrence_reference(
 
     The third output is the whole trajectory ``[batch, pos, head, d_k, d_v]`` (``S_t`` after the write at t) with
     ``return_trajectory``, only the states at ``state_positions`` ``[batch, n_sel, head, d_k, d_v]`` when those are
-    given, else None.
+    given (``[n_sel]``, the same positions in every row, or ``[batch, n_sel]``, each row its own), else None.
     """
     if state_positions is not None:
         reads, state, trajectory = recurrence_reference(
             query, key, write_value, log_decay, erase_strength, initial_state, return_trajectory=True
         )
-        return reads, state, trajectory[:, state_positions.to(trajectory.device)]
+        return reads, state, at_positions(trajectory, state_positions)
     batch, n_pos, n_heads, d_k = key.shape
     d_v = write_value.shape[-1]
     state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device)
@@ -87,7 +87,7 @@ def recurrence_chunked(
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
     return_trajectory: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    state_positions: Int[Tensor, " n_sel"] | None = None,
+    state_positions: Int[Tensor, "*rows n_sel"] | None = None,
 ) -> tuple[
     Float[Tensor, "batch pos head d_v"],
     Float[Tensor, "batch head d_k d_v"],
@@ -174,17 +174,33 @@ def recurrence_chunked(
 
 def _states_at(starts: Tensor, k: Tensor, deltas: Tensor, cum_log_decay: Tensor, positions: Tensor) -> Tensor:
     """``S_p`` at a few positions only, ``[batch, n_sel, head, d_k, d_v]``: from the chunk's start state and the
-    masked sum over that chunk's first positions (cost n_sel * chunk * d_k * d_v, no trajectory)."""
-    chunk = k.shape[3]
-    positions = positions.to(k.device).long()
-    which, offset = positions // chunk, positions % chunk  # [n_sel]
-    g = cum_log_decay[:, :, which]  # [b, h, n_sel, C]
-    g_at = g.gather(-1, offset.expand(*g.shape[:2], -1)[..., None])  # [b, h, n_sel, 1]
-    upto = torch.arange(chunk, device=k.device)[None, :] <= offset[:, None]  # [n_sel, C]
-    weights = (g_at - g).masked_fill(~upto, float("-inf")).exp()  # exp(G_p - G_j) for j <= p
-    summed = (k[:, :, which] * weights[..., None]).transpose(-1, -2) @ deltas[:, :, which]  # [b, h, n_sel, d_k, d_v]
-    states = g_at.exp()[..., None] * starts[:, :, which] + summed
-    return states.transpose(1, 2)
+    masked sum over that chunk's first positions (cost n_sel * chunk * d_k * d_v, no trajectory). ``positions`` is
+    ``[n_sel]`` (every row) or ``[batch, n_sel]`` (per row).
+    starts [b, h, n, d_k, d_v]; k [b, h, n, C, d_k]; deltas [b, h, n, C, d_v]; cum_log_decay [b, h, n, C]."""
+    batch, _, n_chunks, chunk, _ = k.shape
+    positions = positions.to(k.device).long().expand(batch, -1)  # [b, n_sel]
+    which, offset = positions // chunk, positions % chunk
+    flat = (torch.arange(batch, device=k.device)[:, None] * n_chunks + which).flatten()  # (row, chunk) of each
+
+    def per_chunk(x: Tensor) -> Tensor:  # [b, h, n, ...] -> [b, n_sel, h, ...]: each position's chunk of its row
+        rows_chunks = x.transpose(1, 2).reshape(batch * n_chunks, *x.shape[1:2], *x.shape[3:])
+        return rows_chunks.index_select(0, flat).unflatten(0, (batch, -1))  # (faster than advanced indexing)
+
+    g = per_chunk(cum_log_decay)  # [b, n_sel, h, C]
+    g_at = g.gather(-1, offset[:, :, None, None].expand(*g.shape[:3], 1))  # G_p: [b, n_sel, h, 1]
+    upto = torch.arange(chunk, device=k.device) <= offset[..., None]  # [b, n_sel, C]
+    weights = (g_at - g).masked_fill(~upto[:, :, None], float("-inf")).exp()  # exp(G_p - G_j) for j <= p
+    summed = (per_chunk(k) * weights[..., None]).transpose(-1, -2) @ per_chunk(deltas)  # [b, n_sel, h, d_k, d_v]
+    return g_at.exp()[..., None] * per_chunk(starts) + summed
+
+
+def at_positions(x: Tensor, positions: Tensor) -> Tensor:
+    """``x[:, positions]`` for ``x`` [batch, pos, ...]: ``positions`` [n_sel] picks the same positions in every row,
+    [batch, n_sel] each row its own; the result is [batch, n_sel, ...]."""
+    positions = positions.to(x.device).long()
+    if positions.dim() == 1:
+        return x[:, positions]
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], positions]
 
 
 def _chunk_trajectories(starts: Tensor, k: Tensor, deltas: Tensor, cum_log_decay: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from writesae_lens.ops.finite import all_finite
 from writesae_lens.saes import factored
 from writesae_lens.saes.saving import write_folder_atomically
 
@@ -119,7 +120,7 @@ class WriteSAEBase:
                 f"{tuple(x.shape)}. Pass states shaped [..., {d_in}] (e.g. SAELens with "
                 "hook_head_index on blocks.{l}.mixer.hook_state)."
             )
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             n_bad = int((~torch.isfinite(x)).sum().item())
             raise ValueError(
                 f"WriteSAE received a state with {n_bad} non-finite entries (NaN or inf) out of "
