@@ -58,9 +58,9 @@ class _Rows:
 class EditedRuns:
     """Collects edited rows passage by passage and runs them in batches of at most ``batch_size`` rows.
 
-    ``add(passage, inputs, edits)`` with ``edits[t][condition] = matrix``; after ``finish()``, ``results[(passage,
-    t)]`` holds ``kl_{condition}`` = KL(p_native || p_condition), ``kl_{condition}_rev``, ``top1_{condition}`` and
-    ``top1_native``.
+    ``add([(passage, inputs, edits), ...])`` with ``edits[t][condition] = matrix`` queues a group of passages (one
+    native pass); after ``finish()``, ``results[(passage, t)]`` holds ``kl_{condition}`` = KL(p_native ||
+    p_condition), ``kl_{condition}_rev``, ``top1_{condition}`` and ``top1_native``.
     """
 
     def __init__(self, model, layer: int, head: int, timing: str, kl_at: str, batch_size: int, progress=None) -> None:

@@ -129,8 +129,8 @@ def replacement_test(
                 :, None, None]
         else:
             random_writes = gaussian_rank1(*atoms.shape[1:], random_norms, generator).to(device)
-        edits = {t: {"atom": atom_writes[i] - native[i], "delete": -native[i], "random": random_writes[i] - native[i]}
-                 for i, t in enumerate(positions)}
+        replaced = torch.stack([atom_writes, torch.zeros_like(native), random_writes], dim=1) - native[:, None]
+        edits = {t: dict(zip(CONDITIONS, replaced[i])) for i, t in enumerate(positions)}  # [m, 3, d_k, d_v], viewed
         for i, t in enumerate(positions):
             outcome[(p, t)] = {"atom": int(chosen_atoms[i]), "coefficient": coefficients[i],
                                "native_write_norm": float(native_norm[i])}
