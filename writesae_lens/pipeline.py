@@ -88,7 +88,17 @@ def check_output_folder(path: Path, overwrite: bool) -> None:
 
 def train_state_sae(model, documents: list[str], settings: TrainSettings, output: Path, device: str = "cpu"):
     """Train a rank-1 bilinear WriteSAE (TopK) with SAELens' own runner on ``blocks.{layer}.mixer.hook_state``,
-    head ``settings.head``; the SAE is saved in ``output`` by the runner. Returns the trained SAE."""
+    head ``settings.head``; the SAE is saved in ``output`` by the runner. Returns the trained SAE.
+
+    SAELens draws the SAE's initial weights and mixes its activation buffer with torch's global generator and does
+    not seed it: it is seeded here with ``settings.seed`` (and restored afterwards), so that one seed gives one SAE."""
+    target = torch.device(device)
+    with torch.random.fork_rng(devices=[target.index or 0] if target.type == "cuda" else []):
+        torch.manual_seed(settings.seed)
+        return _train_seeded(model, documents, settings, output, device)
+
+
+def _train_seeded(model, documents: list[str], settings: TrainSettings, output: Path, device: str):
     import datasets
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
 

@@ -110,8 +110,11 @@ def decode_active_atoms(
     """
     n_rows, n_active = atom_indices.shape
     rank, d_k, d_v = key_factors.shape[1], key_factors.shape[2], value_factors.shape[2]
-    active_keys = key_factors[atom_indices]  # [n, n_active, rank, d_k]
-    active_values = value_factors[atom_indices]  # [n, n_active, rank, d_v]
+    # index_select, not key_factors[atom_indices]: its backward (index_add) is deterministic on CPU, where the
+    # accumulating index_put of advanced indexing sums repeated atoms in a thread-dependent order
+    flat = atom_indices.flatten()
+    active_keys = key_factors.index_select(0, flat).view(n_rows, n_active, rank, d_k)
+    active_values = value_factors.index_select(0, flat).view(n_rows, n_active, rank, d_v)
     scaled_keys = active_keys * coefficients[:, :, None, None].to(active_keys.dtype)
     scaled_keys = scaled_keys.reshape(n_rows, n_active * rank, d_k)
     active_values = active_values.reshape(n_rows, n_active * rank, d_v)
