@@ -118,3 +118,27 @@ def test_kl_both_directions_equals_the_plain_formulas():
     assert torch.allclose(reverse, (condition.exp() * (condition - native)).sum(-1), atol=1e-12)
     same, same_rev = kl_both_directions(native, native.exp(), native.float())
     assert same.abs().max() < 1e-6 and same_rev.abs().max() < 1e-6
+
+
+def test_passages_as_batches_or_a_dataset_give_the_same_records(model, sae, passages):
+    import datasets
+
+    kwargs = dict(max_firings_per_feature=2, max_firings=8, progress=False)
+    reference = replacement_test(model, sae, LAYER, HEAD, passages, **kwargs)
+    as_batches = replacement_test(model, sae, LAYER, HEAD, [passages[:2], passages[2]], **kwargs)
+    as_dataset = replacement_test(model, sae, LAYER, HEAD, datasets.Dataset.from_dict({"input_ids": passages.tolist()}),
+                                  **kwargs)
+    assert as_batches.equals(reference) and as_dataset.equals(reference)
+
+
+def test_passages_of_unequal_length_or_unknown_form_are_refused(model, sae, passages):
+    import datasets
+
+    with pytest.raises(ValueError, match=r"same number of tokens.*token_passages"):
+        replacement_test(model, sae, LAYER, HEAD, [passages[0], passages[1, :30]], progress=False)
+    with pytest.raises(ValueError, match=r"column of token ids named one of \('tokens', 'input_ids'\)"):
+        replacement_test(model, sae, LAYER, HEAD, datasets.Dataset.from_dict({"text": ["a", "b"]}), progress=False)
+    with pytest.raises(TypeError, match="passages must be a token tensor"):
+        replacement_test(model, sae, LAYER, HEAD, {"tokens": passages}, progress=False)
+    with pytest.raises(ValueError, match="no passages"):
+        replacement_test(model, sae, LAYER, HEAD, datasets.Dataset.from_dict({"tokens": []}), progress=False)

@@ -30,12 +30,12 @@ from typing import Literal
 
 import pandas as pd
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..interventions import atom_matrices, gaussian_rank1, random_alive_atoms
 from .edited_runs import EditedRuns, check_run_options
 from .firings import FiringScan, check_cell, head_states, scan_firings, select_firings
+from .passages import as_passages
 from .records import RECORD_COLUMNS, FiringRecord, records_frame
 
 __all__ = ["CONDITIONS", "FiringScan", "check_cell", "head_states", "replacement_test", "scan_firings",
@@ -50,7 +50,7 @@ def replacement_test(
     sae,
     layer: int,
     head: int,
-    tokens: Tensor,
+    tokens,
     *,
     max_firings_per_feature: int | None = 300,
     max_firings: int | None = None,
@@ -63,7 +63,10 @@ def replacement_test(
     passage_batch_size: int = 8,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Run the substitution protocol on ``tokens`` ``[n_passages, n_pos]``; one record per selected firing.
+    """Run the substitution protocol on the passages ``tokens``; one record per selected firing.
+
+    ``tokens``: a token tensor ``[n_passages, n_pos]``, a list of such batches, a dataset with a ``tokens`` or
+    ``input_ids`` column, or text; every passage must have the same length (``evaluation.passages``).
 
     ``batch_size`` bounds the rows (firings x 3 conditions) run together and ``passage_batch_size`` the passages of
     one forward pass of the scan and of the native passes (with their cache snapshots), and so the memory. The
@@ -74,7 +77,7 @@ def replacement_test(
         raise ValueError(f"amplitude must be 'natural' or 'native_norm', got {amplitude!r}")
     if random_control not in ("atom", "gaussian"):
         raise ValueError(f"random_control must be 'atom' or 'gaussian', got {random_control!r}")
-    tokens = model._as_tokens(tokens, prepend_bos=False)
+    tokens = as_passages(model, tokens)  # [n_passages, n_pos]
     check_run_options(timing, kl_at)
     scan = scan_firings(model, sae, layer, head, tokens, passage_batch_size, progress, keep_inputs=True)
     last = tokens.shape[1] - 1

@@ -17,7 +17,6 @@ with ``source[b] = b`` when ``source`` is None.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
