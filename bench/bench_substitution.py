@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=192, help="rows per batch (replacement_test's default)")
     parser.add_argument("--naive-firings", type=int, default=40, help="firings timed for the straightforward protocol")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3, help="paired timed runs of both protocols (medians)")
+    parser.add_argument("--repeats", type=int, default=5, help="paired timed runs of both protocols (medians)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
