@@ -140,5 +140,9 @@ def test_passages_of_unequal_length_or_unknown_form_are_refused(model, sae, pass
         replacement_test(model, sae, LAYER, HEAD, datasets.Dataset.from_dict({"text": ["a", "b"]}), progress=False)
     with pytest.raises(TypeError, match="passages must be a token tensor"):
         replacement_test(model, sae, LAYER, HEAD, {"tokens": passages}, progress=False)
+    with pytest.raises(ValueError, match="passage_batch_size must be a positive integer, got 0"):
+        replacement_test(model, sae, LAYER, HEAD, passages, passage_batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        replacement_test(model, sae, LAYER, HEAD, passages, batch_size=-1, progress=False)
     with pytest.raises(ValueError, match="no passages"):
         replacement_test(model, sae, LAYER, HEAD, datasets.Dataset.from_dict({"tokens": []}), progress=False)

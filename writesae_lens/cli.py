@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="edit the cache after position t is read (the paper's), or the write itself")
     subst.add_argument("--kl-at", choices=["next", "end"], default="next",
                        help="read the KL at the first output the edit can change, or at the passage end")
-    subst.add_argument("--batch-size", type=int, default=192, help="rows (firings x 3 conditions) per batch")
+    subst.add_argument("--batch-size", type=int, default=192,
+                       help="rows (firings x 3 conditions) per batch; lower it to use less memory (default: %(default)s)")
+    subst.add_argument("--passage-batch-size", type=int, default=8,
+                       help="passages per forward pass of the scan and the native passes (they hold the cache "
+                       "snapshots); lower it to use less memory (default: %(default)s)")
     subst.add_argument("--seed", type=int, default=2026)
     _output_arguments(subst)
     return parser
@@ -173,6 +177,7 @@ def run_substitution(args) -> int:
         model, sae, args.layer, args.head, passages, args.out, seed=args.seed,
         max_firings_per_feature=args.max_firings_per_feature, max_firings=args.max_firings,
         amplitude=args.amplitude, timing=args.timing, kl_at=args.kl_at, batch_size=args.batch_size,
+        passage_batch_size=args.passage_batch_size,
     )
     pipeline.save_settings(args.out, **{k: v for k, v in vars(args).items() if k != "command"})
     print(text)

@@ -130,7 +130,7 @@ def _train_seeded(model, documents: list[str], settings: TrainSettings, output: 
 def run_substitution(model, sae, layer: int, head: int, passages: torch.Tensor, output: Path, *, seed: int = 2026,
                      max_firings_per_feature: int | None = 300, max_firings: int | None = None,
                      amplitude: str = "natural", timing: str = "after_read", kl_at: str = "next",
-                     batch_size: int = 192) -> tuple:
+                     batch_size: int = 192, passage_batch_size: int = 8) -> tuple:
     """The substitution test, its statistics and plots; writes records.csv, summary.txt/json and two PNGs."""
     from .evaluation.plots import plot_kl_scatter, plot_log_ratio_density
     from .evaluation.records import save_records
@@ -139,7 +139,7 @@ def run_substitution(model, sae, layer: int, head: int, passages: torch.Tensor, 
 
     records = replacement_test(model, sae, layer, head, passages, max_firings_per_feature=max_firings_per_feature,
                                max_firings=max_firings, seed=seed, amplitude=amplitude, timing=timing, kl_at=kl_at,
-                               batch_size=batch_size)
+                               batch_size=batch_size, passage_batch_size=passage_batch_size)
     summary = summarize(records, seed=seed)
     text = format_summary(summary)
     save_records(records, output / "records.csv", overwrite=True)

@@ -26,6 +26,7 @@ Every record equals what the hook path (``interventions.add_to_state`` on the wh
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal
 
 import pandas as pd
@@ -77,6 +78,9 @@ def replacement_test(
         raise ValueError(f"amplitude must be 'natural' or 'native_norm', got {amplitude!r}")
     if random_control not in ("atom", "gaussian"):
         raise ValueError(f"random_control must be 'atom' or 'gaussian', got {random_control!r}")
+    for name, value in (("batch_size", batch_size), ("passage_batch_size", passage_batch_size)):
+        if not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     tokens = as_passages(model, tokens)  # [n_passages, n_pos]
     check_run_options(timing, kl_at)
     scan = scan_firings(model, sae, layer, head, tokens, passage_batch_size, progress, keep_inputs=True)
