@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from closeness import relative_error
+
 
 LAYER = 1
 FACTORS = ("hook_write_k", "hook_write_v", "hook_write_beta", "hook_decay", "hook_read_q")
@@ -23,10 +25,6 @@ def tokens():
 def full_cache(model, tokens):
     with torch.no_grad():
         return model.run_with_cache(tokens)[1]
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def test_hook_shapes(model, full_cache):
@@ -66,9 +64,9 @@ def test_write_hooks_define_the_recurrence(model, full_cache):
     states = full_cache[m + "hook_state"].reshape(*k.shape[:3], cfg.d_k, cfg.d_v)
     previous = torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1)
     predicted = decay.exp()[..., None, None] * previous + beta[..., None, None] * k[..., :, None] * v[..., None, :]
-    assert rel(predicted, states) <= 1e-5
+    assert relative_error(predicted, states) <= 1e-5
     read = full_cache[m + "hook_read"]
-    assert rel(torch.einsum("bphkv,bphk->bphv", states, q), read) <= 1e-5
+    assert relative_error(torch.einsum("bphkv,bphk->bphv", states, q), read) <= 1e-5
     mixer = model.blocks[LAYER].mixer
     assert torch.equal(full_cache[m + "hook_skip"], mixer.D.detach()[:, None] * v)
     assert torch.equal(full_cache[m + "hook_ssm_out"], read + full_cache[m + "hook_skip"])
@@ -107,11 +105,11 @@ def test_factors_match_transformers_projections(mamba2_pair, tokens, full_cache)
     z, _, dt = seen["proj"].split([cfg.d_inner, cfg.conv_dim, cfg.n_heads], dim=-1)
     expected_dt = F.softplus(dt + hf_mixer.dt_bias).clamp(*hf_mixer.time_step_limit)
     m = f"blocks.{LAYER}.mixer."
-    assert rel(full_cache[m + "hook_write_beta"], expected_dt) <= 1e-6
-    assert rel(full_cache[m + "hook_gate"].flatten(-2), z) <= 1e-6
+    assert relative_error(full_cache[m + "hook_write_beta"], expected_dt) <= 1e-6
+    assert relative_error(full_cache[m + "hook_gate"].flatten(-2), z) <= 1e-6
     y, gate = seen["norm_in"]
-    assert rel(full_cache[m + "hook_ssm_out"].flatten(-2), y) <= 1e-4
-    assert rel(full_cache[m + "hook_gate"].flatten(-2), gate) <= 1e-6
+    assert relative_error(full_cache[m + "hook_ssm_out"].flatten(-2), y) <= 1e-4
+    assert relative_error(full_cache[m + "hook_gate"].flatten(-2), gate) <= 1e-6
 
 
 def test_time_step_limit_clamps_the_write_strength(mamba2_folders):
@@ -145,8 +143,6 @@ def test_skip_edit_changes_only_the_output(model, tokens, full_cache):
             _, cache = model.run_with_cache(tokens, names_filter=[m + "hook_ssm_out", m + "hook_state"])
     assert torch.equal(cache[m + "hook_ssm_out"], full_cache[m + "hook_read"])
     assert torch.equal(cache[m + "hook_state"], full_cache[m + "hook_state"])
-
-
 
 
 def test_pos_slice_slices_the_position_axis(model, tokens, full_cache):

@@ -4,14 +4,12 @@ import pytest
 import torch
 from transformers import Mamba2ForCausalLM
 
+from closeness import relative_error
 from mamba2_factory import CONFIGS, build_checkpoint_with_tokenizer
 from writesae_lens.adapters.mamba2 import HookedMamba2
 
+
 TOL = 1e-4
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -23,10 +21,10 @@ def test_logits_and_residuals_match_transformers(mamba2_folders, name):
     with torch.no_grad():
         ref = hf(tokens, output_hidden_states=True, use_cache=False)
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_post"))
-    assert rel_err(logits, ref.logits) < TOL
+    assert relative_error(logits, ref.logits) < TOL
     # transformers' hidden_states[l] is the output of layer l (no embedding entry); the last entry is final-normed
     for layer in range(model.cfg.n_layers):
-        assert rel_err(cache[f"blocks.{layer}.hook_resid_post"], ref.hidden_states[layer]) < TOL, f"layer {layer}"
+        assert relative_error(cache[f"blocks.{layer}.hook_resid_post"], ref.hidden_states[layer]) < TOL, f"layer {layer}"
 
 
 def test_config_fields(mamba2_folders):
@@ -47,10 +45,6 @@ def test_tied_checkpoint_has_no_lm_head(mamba2_folders):
     assert torch.equal(model.W_U, model.W_E.T)
 
 
-
-
-
-
 def test_cache_matches_transformers_states(mamba2_pair):
     """Our state is the transpose of transformers' [batch, head, head_dim, d_state]; our conv history holds its last
     kernel - 1 inputs (transformers keeps kernel)."""
@@ -63,8 +57,8 @@ def test_cache_matches_transformers_states(mamba2_pair):
     for layer in range(model.cfg.n_layers):
         ref_state = out.cache.get_recurrent_state(layer)
         assert ref_state.shape == (2, model.cfg.n_heads, model.cfg.d_v, model.cfg.d_k)
-        assert rel_err(cache.recurrent_state(layer), ref_state.transpose(-1, -2)) <= 1e-4
-        assert rel_err(cache.layers[layer]["conv"], out.cache.get_conv_state(layer)[..., 1:]) <= 1e-5
+        assert relative_error(cache.recurrent_state(layer), ref_state.transpose(-1, -2)) <= 1e-4
+        assert relative_error(cache.layers[layer]["conv"], out.cache.get_conv_state(layer)[..., 1:]) <= 1e-5
 
 
 def test_from_hf_model_and_bf16(mamba2_pair):
@@ -78,7 +72,7 @@ def test_from_hf_model_and_bf16(mamba2_pair):
         low, cache = half.run_with_cache(tokens, names_filter="blocks.1.hook_resid_post")
         full = model(tokens)
     assert cache["blocks.1.hook_resid_post"].dtype == torch.float32  # residual_in_fp32, as transformers
-    assert rel_err(low.float(), full) < 0.1  # bf16 weights: coarse agreement, and no crash in the fp32 recurrence
+    assert relative_error(low.float(), full) < 0.1  # bf16 weights: coarse agreement, and no crash in the fp32 recurrence
 
 
 def test_loss_return_types(mamba2_pair):

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from closeness import relative_error
+
 
 LAYER = 2
 
@@ -21,10 +23,6 @@ def tokens():
 def full_cache(model, tokens):
     with torch.no_grad():
         return model.run_with_cache(tokens)[1]
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def test_hook_shapes(model, full_cache):
@@ -69,8 +67,8 @@ def test_write_hooks_define_the_recurrence(model, full_cache):
     erase = beta[..., None, None] * k[..., :, None] * torch.einsum("bphkv,bphk->bphv", previous, k)[..., None, :]
     write = beta[..., None, None] * k[..., :, None] * v[..., None, :]
     predicted = a * (previous - erase) + write
-    assert rel(predicted, states) <= 1e-5
-    assert rel(torch.einsum("bphkv,bphk->bphv", states, q), full_cache[m + "hook_read"]) <= 1e-5
+    assert relative_error(predicted, states) <= 1e-5
+    assert relative_error(torch.einsum("bphkv,bphk->bphv", states, q), full_cache[m + "hook_read"]) <= 1e-5
     # key normalisation and the query scale are part of the hook definitions
     assert torch.allclose(k.norm(dim=-1), torch.ones(()), atol=1e-4)
     assert torch.allclose(q.norm(dim=-1), torch.full((), cfg.d_k**-0.5), atol=1e-4)
@@ -93,8 +91,6 @@ def test_residual_identities(model, full_cache):
         if layer:
             assert torch.equal(full_cache[f"blocks.{layer - 1}.hook_resid_post"], pre)
     assert torch.equal(full_cache["hook_embed"], full_cache["blocks.0.hook_resid_pre"])
-
-
 
 
 def test_pos_slice_slices_the_position_axis(model, tokens, full_cache):
@@ -132,9 +128,7 @@ def test_cache_matches_transformers_recurrent_state(qwen35_pair, tokens):
         cache = model.empty_cache()
         model(tokens, cache=cache)
     ref = out.cache.get_recurrent_state(LAYER) if hasattr(out, "cache") else out.past_key_values.get_recurrent_state(LAYER)
-    assert rel(cache.recurrent_state(LAYER), ref) <= 1e-4
-
-
+    assert relative_error(cache.recurrent_state(LAYER), ref) <= 1e-4
 
 
 def test_nested_hook_contexts(model, tokens):
@@ -150,8 +144,6 @@ def test_nested_hook_contexts(model, tokens):
         assert torch.equal(model(tokens), outer)
     assert not model.hook_dict[name].has_hooks()
     assert seen == [0.0]  # the inner hook ran after the outer edit
-
-
 
 
 def test_start_at_layer_continues_from_a_residual(model, tokens, full_cache):

@@ -4,14 +4,12 @@ import pytest
 import torch
 from transformers import Qwen3_5ForCausalLM
 
+from closeness import relative_error
 from qwen35_factory import CONFIGS, build_multimodal_checkpoint
 from writesae_lens.adapters.qwen35 import HookedQwen35
 
+
 TOL = 1e-4
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -27,7 +25,7 @@ def test_logits_and_residuals_match_transformers(qwen35_folders, name):
     # transformers' hidden_states[l + 1] is the output of decoder layer l, except the last (which is final-normed)
     for layer in range(model.cfg.n_layers - 1):
         ours = cache[f"blocks.{layer}.hook_resid_post"]
-        assert rel_err(ours, ref.hidden_states[layer + 1]) < TOL, f"layer {layer}"
+        assert relative_error(ours, ref.hidden_states[layer + 1]) < TOL, f"layer {layer}"
 
 
 def test_config_fields(qwen35_folders):
@@ -39,10 +37,6 @@ def test_config_fields(qwen35_folders):
     assert (cfg.n_layers, cfg.d_model, cfg.d_vocab) == (4, 48, 101)
     custom = HookedQwen35.from_pretrained(qwen35_folders["square_custom_layers"]).cfg
     assert custom.layer_types == CONFIGS["square_custom_layers"]["layer_types"]
-
-
-
-
 
 
 def test_sampling_is_seeded_and_respects_top_k(qwen35_pair):
@@ -65,7 +59,7 @@ def test_multimodal_wrapper_loads_text_weights(tmp_path, qwen35_folders):
     with torch.no_grad():
         ref = hf(input_ids=tokens).logits
         ours = model(tokens)
-    assert rel_err(ours, ref) < TOL
+    assert relative_error(ours, ref) < TOL
 
 
 def test_from_hf_model_and_bf16(qwen35_pair):
@@ -78,7 +72,7 @@ def test_from_hf_model_and_bf16(qwen35_pair):
         assert half.cfg.dtype == torch.bfloat16
         low = half(tokens).float()
     full = model(tokens)
-    assert rel_err(low, full) < 0.1  # bf16 weights: coarse agreement, and no crash in the fp32 recurrence
+    assert relative_error(low, full) < 0.1  # bf16 weights: coarse agreement, and no crash in the fp32 recurrence
 
 
 def test_loss_return_types(qwen35_pair):

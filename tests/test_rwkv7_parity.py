@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from closeness import relative_error
 from rwkv7_naive import naive_rwkv7_layer
 from writesae_lens.adapters.rwkv7 import HookedRWKV7
+
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FACTORS = ("hook_read_q", "hook_write_k", "hook_write_v", "hook_decay", "hook_erase_a", "hook_erase_b")
@@ -35,10 +37,6 @@ def model_and_golden(fixture_name):
     return load_fixture(fixture_name)
 
 
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def test_config_read_without_fla(model_and_golden, fixture_name):
     model, _ = model_and_golden
     cfg = model.cfg
@@ -50,9 +48,9 @@ def test_logits_and_states_match_fla(model_and_golden):
     cache = model.empty_cache()
     with torch.no_grad():
         logits = model(golden["tokens"], cache=cache)
-    assert rel(logits, golden["logits"]) < 1e-5
+    assert relative_error(logits, golden["logits"]) < 1e-5
     states = torch.stack([cache.recurrent_state(layer) for layer in range(model.cfg.n_layers)], dim=1)
-    assert rel(states, golden["states"]) < 1e-5
+    assert relative_error(states, golden["states"]) < 1e-5
 
 
 def test_continuing_from_the_cache(model_and_golden):
@@ -63,7 +61,7 @@ def test_continuing_from_the_cache(model_and_golden):
         first = model(tokens[:, :split], cache=cache)
         step = model(tokens[:, split : split + 1], cache=cache)  # one decoding step: token shift and state carried
         rest = model(tokens[:, split + 1 :], cache=cache)
-    assert rel(torch.cat([first, step, rest], 1), golden["split_logits"]) < 1e-5
+    assert relative_error(torch.cat([first, step, rest], 1), golden["split_logits"]) < 1e-5
 
 
 def test_state_hook_follows_the_recurrence_from_the_write_hooks(model_and_golden):
@@ -77,8 +75,8 @@ def test_state_hook_follows_the_recurrence_from_the_write_hooks(model_and_golden
     assert torch.equal(beta, torch.ones_like(beta))
     reads, _, traj = naive_rwkv7_layer(*f)
     states = cache[f"blocks.{layer}.mixer.hook_state"]
-    assert rel(states, traj.reshape(states.shape).float()) < 1e-5
-    assert rel(cache[f"blocks.{layer}.mixer.hook_read"], reads.float()) < 1e-5
+    assert relative_error(states, traj.reshape(states.shape).float()) < 1e-5
+    assert relative_error(cache[f"blocks.{layer}.mixer.hook_read"], reads.float()) < 1e-5
     erase_a, erase_b = f[4], f[5]
     assert torch.allclose(erase_b.norm(dim=-1), torch.ones(erase_b.shape[:-1]), atol=1e-5)  # kk is unit-norm
     assert (f[3] <= 0).all() and (f[3] >= -0.6066).all()  # w = -exp(-1/2) sigmoid(.)
@@ -101,11 +99,9 @@ def test_post_read_edit_equals_editing_the_cache_between_decode_steps(model_and_
         state[1, 3] += m
         cache.layers[layer]["state"] = state
         rest = model(tokens[:, t + 1 :], cache=cache)
-    assert rel(torch.cat([prefix, rest], 1), edited) < 1e-5
-    assert torch.equal(edited[0], golden["logits"][0]) or rel(edited[0], golden["logits"][0]) < 1e-5
+    assert relative_error(torch.cat([prefix, rest], 1), edited) < 1e-5
+    assert torch.equal(edited[0], golden["logits"][0]) or relative_error(edited[0], golden["logits"][0]) < 1e-5
     assert not torch.allclose(edited[1, t + 1 :], golden["logits"][1, t + 1 :])
-
-
 
 
 def test_write_edits_leave_the_bonus_and_transition(model_and_golden):
@@ -137,7 +133,7 @@ def test_write_edits_leave_the_bonus_and_transition(model_and_golden):
     for c, (k, v) in new.items():
         write_k[c], write_v[c] = k, v
     reads, _, _ = naive_rwkv7_layer(*f, write_k=write_k, write_v=write_v)
-    assert rel(edited[f"blocks.{layer}.mixer.hook_read"], reads.float()) < 1e-5
+    assert relative_error(edited[f"blocks.{layer}.mixer.hook_read"], reads.float()) < 1e-5
 
 
 def test_layer0_write_edit_leaves_v_first(model_and_golden):
@@ -178,7 +174,7 @@ def test_cache_snapshots_continue_like_the_full_run(model_and_golden):
         model(tokens, cache=cache)
         rows = cache.rows_from_snapshots(torch.arange(len(positions)))
         step = model(tokens[0, positions][:, None], cache=rows)  # [rows, 1, vocab]
-    assert rel(step[:, 0], golden["logits"][0, positions]) < 1e-5
+    assert relative_error(step[:, 0], golden["logits"][0, positions]) < 1e-5
 
 
 def test_snapshots_per_batch_row_continue_like_the_full_run(model_and_golden):
@@ -194,4 +190,4 @@ def test_snapshots_per_batch_row_continue_like_the_full_run(model_and_golden):
         made = cache.rows_from_snapshots(which, rows)
         starts = per_row[rows, which]
         step = model(tokens[rows, starts][:, None], cache=made)  # [rows, 1, vocab]
-    assert rel(step[:, 0], golden["logits"][rows, starts]) < 1e-5
+    assert relative_error(step[:, 0], golden["logits"][rows, starts]) < 1e-5

@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from writesae_lens.hooking.config import RECURRENT, UNBOUNDED_CONTEXT, FamilyConfig
+
 SUPPORTED_MODEL_TYPES = ("mamba2",)
-RECURRENT = "linear_attention"
-# Mamba-2 has no positional limit; ``to_tokens(truncate=True)`` cuts at this length.
-UNBOUNDED_CONTEXT = 1 << 20
 
 
 @dataclass
-class HookedMamba2Config:
+class HookedMamba2Config(FamilyConfig):
     n_layers: int
     d_model: int
     d_vocab: int
@@ -32,17 +31,9 @@ class HookedMamba2Config:
     use_bias: bool = False  # in_proj / out_proj biases
     use_conv_bias: bool = True
     residual_in_fp32: bool = True
-    tie_word_embeddings: bool = False
     act_fn: str = "silu"
-    n_ctx: int = UNBOUNDED_CONTEXT
-    eos_token_id: int | None = None
-    bos_token_id: int | None = None
-    pad_token_id: int | None = None
-    default_prepend_bos: bool = False
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    model_name: str = "mamba2"
-    extra: dict = field(default_factory=dict)
+    n_ctx: int = UNBOUNDED_CONTEXT  # no positional limit
+    model_name: str = field(default="mamba2", kw_only=True)
 
     @property
     def d_inner(self) -> int:
@@ -57,14 +48,6 @@ class HookedMamba2Config:
     @property
     def layer_types(self) -> list[str]:
         return [RECURRENT] * self.n_layers
-
-    @property
-    def recurrent_layers(self) -> list[int]:
-        return list(range(self.n_layers))
-
-    @property
-    def attention_layers(self) -> list[int]:
-        return []
 
     @staticmethod
     def from_hf_config(hf_config, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "HookedMamba2Config":

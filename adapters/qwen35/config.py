@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from writesae_lens.hooking.config import ATTENTION, RECURRENT, FamilyConfig
+
 SUPPORTED_MODEL_TYPES = ("qwen3_5_text", "qwen3_5")
-RECURRENT, ATTENTION = "linear_attention", "full_attention"
 
 
 @dataclass
-class HookedQwen35Config:
+class HookedQwen35Config(FamilyConfig):
     n_layers: int
     d_model: int
     d_vocab: int
@@ -31,23 +32,8 @@ class HookedQwen35Config:
     rope_theta: float
     eps: float
     n_ctx: int
-    tie_word_embeddings: bool = False
     act_fn: str = "silu"
-    eos_token_id: int | None = None
-    bos_token_id: int | None = None
-    default_prepend_bos: bool = False
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    model_name: str = "qwen3_5"
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def recurrent_layers(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t == RECURRENT]
-
-    @property
-    def attention_layers(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t == ATTENTION]
+    model_name: str = field(default="qwen3_5", kw_only=True)
 
     @staticmethod
     def from_hf_config(hf_config, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "HookedQwen35Config":

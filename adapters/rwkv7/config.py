@@ -12,14 +12,14 @@ from types import SimpleNamespace
 
 import torch
 
+from writesae_lens.hooking.config import RECURRENT, UNBOUNDED_CONTEXT, FamilyConfig
+
 SUPPORTED_MODEL_TYPES = ("rwkv7",)
-RECURRENT = "linear_attention"
-UNBOUNDED_CONTEXT = 1 << 20
 DECAY_FLOOR = 0.6065306597126334  # w = -DECAY_FLOOR * sigmoid(.) = -exp(-0.5) * sigmoid(.)
 
 
 @dataclass
-class HookedRWKV7Config:
+class HookedRWKV7Config(FamilyConfig):
     n_layers: int
     d_model: int
     d_vocab: int
@@ -33,16 +33,8 @@ class HookedRWKV7Config:
     v_low_rank_dim: int
     eps: float  # norm_eps (LayerNorms); the per-head GroupNorm uses d_k * eps, as fla
     norm_bias: bool = True
-    tie_word_embeddings: bool = False
-    n_ctx: int = UNBOUNDED_CONTEXT
-    eos_token_id: int | None = None
-    bos_token_id: int | None = None
-    pad_token_id: int | None = None
-    default_prepend_bos: bool = False
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    model_name: str = "rwkv7"
-    extra: dict = field(default_factory=dict)
+    n_ctx: int = UNBOUNDED_CONTEXT  # no positional limit
+    model_name: str = field(default="rwkv7", kw_only=True)
 
     @property
     def key_dim(self) -> int:
@@ -55,14 +47,6 @@ class HookedRWKV7Config:
     @property
     def layer_types(self) -> list[str]:
         return [RECURRENT] * self.n_layers
-
-    @property
-    def recurrent_layers(self) -> list[int]:
-        return list(range(self.n_layers))
-
-    @property
-    def attention_layers(self) -> list[int]:
-        return []
 
     @staticmethod
     def from_hf_config(hf_config, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "HookedRWKV7Config":
