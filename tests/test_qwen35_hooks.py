@@ -219,6 +219,13 @@ def test_snapshots_per_batch_row_continue_like_each_rows_prefix(model, tokens):
         full = model(tokens[:2])
         for i, (r, s) in enumerate(zip(rows.tolist(), starts.tolist())):
             assert torch.allclose(continued[i, 0], full[r, s], atol=1e-4)
+        # three tokens from the snapshots, the output kept at one of them per row (shared and own keys, masks)
+        steps = torch.stack([resid[r, s : s + 3] for r, s in zip(rows.tolist(), starts.tolist())])
+        keep = torch.tensor([[2], [0], [1], [2], [1]])
+        kept = model.unembed(model.ln_final(model(steps, start_at_layer=1, stop_at_layer=model.cfg.n_layers,
+                                                  cache=cache.rows_from_snapshots(which, rows), final_positions=keep)))
+        for i, (r, s) in enumerate(zip(rows.tolist(), starts.tolist())):
+            assert torch.allclose(kept[i, 0], full[r, s + keep[i, 0]], atol=1e-4)
     with pytest.raises(ValueError, match=r"\[n_sel\] or \[batch, n_sel\]"):
         model.empty_cache().request_snapshots(torch.zeros(1, 2, 3), [1])
 
