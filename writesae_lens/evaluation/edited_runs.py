@@ -46,7 +46,9 @@ class _NativeReads:
 class _Rows:
     """Rows of one passage, ready to join a batch."""
 
-    cache: RecurrentCache  # one row each, from the passage's snapshots
+    snapshots: RecurrentCache  # the native pass's cache holding the passage's snapshots
+    snapshot_index: Tensor  # [rows]: the snapshot each row starts from
+    snapshot_row: Tensor  # [rows]: the passage's batch row in ``snapshots``
     inputs: dict[str, Tensor]  # "resid" and carried streams, [rows, span, ...]
     matrices: Tensor  # [rows, d_k, d_v]: added to the head's state (after_read) or write (write)
     read_offset: Tensor  # [rows]: where in its span each row's KL is read
@@ -100,7 +102,9 @@ class EditedRuns:
                            for name, x in self._streams(inputs).items()}
                 which = torch.tensor([snapshot_of[s] for s in row_starts])
                 self.pending.append(_Rows(
-                    cache=snapshot_cache.rows_from_snapshots(which, torch.full_like(which, row)),
+                    snapshots=snapshot_cache,
+                    snapshot_index=which,
+                    snapshot_row=torch.full_like(which, row),
                     inputs=streams,
                     matrices=torch.stack([edits[t][condition] for t, condition in piece]),
                     read_offset=torch.tensor([r - s for s, r in zip(row_starts, row_reads)]),
@@ -174,14 +178,13 @@ class EditedRuns:
         batch, self.pending = self.pending, []
         span = max(r.inputs["resid"].shape[1] for r in batch)
         streams = {name: torch.cat([_padded(r.inputs[name], span, dim=1) for r in batch]) for name in batch[0].inputs}
-        cache = RecurrentCache.stack_rows([r.cache for r in batch])
+        cache = _rows_cache(batch)
         matrices = torch.cat([r.matrices for r in batch])
         n_rows = len(matrices)
 
         if self.timing == "after_read":  # a change of the cached state: no hook needed
-            state = cache.layers[self.layer]["state"].clone()
-            state[:, self.head] += matrices.to(state)
-            cache.layers[self.layer]["state"] = state
+            # the rows' states were just gathered from the snapshots (a new tensor): edited in place
+            cache.layers[self.layer]["state"][:, self.head] += matrices.to(cache.layers[self.layer]["state"])
             hooks = []
         else:  # part of the write at the row's first position
             cells = torch.tensor([[r, 0, self.head] for r in range(n_rows)])
@@ -233,6 +236,21 @@ def kl_both_directions(native_logp: Tensor, native_prob: Tensor, logits: Tensor)
     diff -= native_logp  # log q - log p
     rows_dot = lambda a, b: torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]  # noqa: E731
     return -rows_dot(native_prob, diff), rows_dot(cond_prob, diff)
+
+
+def _rows_cache(batch: list[_Rows]) -> RecurrentCache:
+    """One cache for the rows of a batch, in order: gathered once per native pass they come from."""
+    groups: list[list[_Rows]] = []
+    for rows in batch:  # consecutive pieces of one native pass share its snapshot cache
+        if groups and groups[-1][0].snapshots is rows.snapshots:
+            groups[-1].append(rows)
+        else:
+            groups.append([rows])
+    return RecurrentCache.stack_rows([
+        group[0].snapshots.rows_from_snapshots(torch.cat([r.snapshot_index for r in group]),
+                                               torch.cat([r.snapshot_row for r in group]))
+        for group in groups
+    ])
 
 
 def _padded_rows(lists: list[list[int]]) -> Tensor:
