@@ -218,3 +218,26 @@ def test_final_positions_equal_the_full_run_and_leave_the_same_cache(family):
         model(tokens, final_positions=positions.float())
     with pytest.raises(ValueError, match="loss"):
         model(tokens, return_type="loss", final_positions=positions)
+
+
+def test_head_write_factors_equal_the_write_hooks(family):
+    """Where a mixer computes one head's write factors by itself (the substitution test's scan uses it), they equal
+    what the write hooks show in a forward pass, for every head (GQA / grouped heads, d_k != d_v)."""
+    _, _, model = family
+    mixer = model.blocks[LAYER].mixer
+    if not mixer.has_head_write_factors:
+        with pytest.raises(NotImplementedError, match="capture the write hooks"):
+            mixer.head_write_factors(torch.zeros(1, 2, model.cfg.d_model), 0)
+        return
+    names = ("write_k", "write_v", "write_beta", "decay")
+    tokens = tokens_for(model, n_pos=40)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith(f"blocks.{LAYER}.")
+                                        and (n.endswith("hook_resid_pre") or n.split(".hook_")[-1] in names))
+        x = model.blocks[LAYER].mixer_input(cache[f"blocks.{LAYER}.hook_resid_pre"])
+        for head in range(model.cfg.n_heads):
+            factors = mixer.head_write_factors(x, head)
+            for name in names:
+                hooked = cache[f"blocks.{LAYER}.mixer.hook_{name}"][:, :, head : head + 1]
+                assert factors[name].shape == hooked.shape, name
+                assert torch.allclose(factors[name], hooked.float(), atol=1e-6, rtol=1e-5), (name, head)

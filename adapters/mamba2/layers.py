@@ -80,6 +80,28 @@ class Mamba2Mixer(MatrixWriteMixer):
         z = run_hook_keeping_shape(self.hook_gate, z.reshape(batch, n_pos, cfg.n_heads, cfg.d_v))
         return self.out_proj(self._gated_norm(y, z).to(h.dtype))
 
+    has_head_write_factors = True
+
+    def head_write_factors(self, x: Tensor, head: int) -> dict[str, Tensor]:
+        """The factors of ``forward`` for one head (k = B of its group, v = its x, beta = dt, decay = dt A), from
+        its own rows of the projections."""
+        cfg = self.cfg
+        group = head // (cfg.n_heads // cfg.n_groups)
+        x_start, b_start = head * cfg.d_v, cfg.d_inner + group * cfg.d_k  # x | B | C channels of the conv
+        channels = torch.cat([torch.arange(x_start, x_start + cfg.d_v),
+                              torch.arange(b_start, b_start + cfg.d_k)]).to(x.device)
+        rows = torch.cat([cfg.d_inner + channels, torch.tensor([cfg.d_inner + cfg.conv_dim + head], device=x.device)])
+        bias = self.in_proj.bias[rows] if self.in_proj.bias is not None else None
+        projected, dt = F.linear(x, self.in_proj.weight[rows], bias).split([cfg.d_v + cfg.d_k, 1], dim=-1)
+        conv_bias = self.conv1d.bias[channels] if self.conv1d.bias is not None else None
+        value, key = causal_conv(projected, self.conv1d.weight[channels], conv_bias, None).split([cfg.d_v, cfg.d_k],
+                                                                                                dim=-1)
+        low, high = cfg.time_step_limit
+        one = slice(head, head + 1)
+        dt = F.softplus(dt.float() + self.dt_bias[one].float()).clamp(min=low, max=high)  # [batch, pos, 1]
+        return {"write_k": key[:, :, None].float(), "write_v": value[:, :, None].float(), "write_beta": dt,
+                "decay": dt * -self.A_log[one].float().exp()}
+
     def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
         """``y * SiLU(z)``, RMS-normalised over each of the n_groups groups of channels, times the weight (fp32)."""
         batch, n_pos = y.shape[:2]
@@ -103,9 +125,13 @@ class Mamba2Block(nn.Module):
         self.hook_mixer_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
+    def mixer_input(self, resid: Tensor) -> Tensor:
+        """What the mixer reads: ``ln1(resid)`` in the norm's dtype."""
+        return self.ln1(resid.to(self.ln1.w.dtype))
+
     def forward(self, resid: Tensor, layer_cache: dict | None, pos_offset: int | Tensor) -> Tensor:
         resid = self.hook_resid_pre(resid)
-        mixed = self.hook_mixer_out(self.mixer(self.ln1(resid.to(self.ln1.w.dtype)), layer_cache))
+        mixed = self.hook_mixer_out(self.mixer(self.mixer_input(resid), layer_cache))
         if self.residual_in_fp32:
             resid = resid.float()
         return self.hook_resid_post(resid + mixed)

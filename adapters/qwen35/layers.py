@@ -75,6 +75,27 @@ class GatedDeltaNet(MatrixWriteMixer):
         z = self.hook_gate(self.in_proj_z(x).reshape(batch, n_pos, cfg.n_heads, cfg.d_v))
         return self.out_proj(self._gated_norm(reads.to(x.dtype), z).reshape(batch, n_pos, -1))
 
+    has_head_write_factors = True
+
+    def head_write_factors(self, x: Tensor, head: int) -> dict[str, Tensor]:
+        """The factors of ``forward`` for one value head, from its key head's and its own rows of the projections."""
+        cfg = self.cfg
+        key_dim = cfg.n_key_heads * cfg.d_k
+        key_start = key_dim + head // (cfg.n_heads // cfg.n_key_heads) * cfg.d_k  # q | k | v channels
+        value_start = 2 * key_dim + head * cfg.d_v
+        channels = torch.cat([torch.arange(key_start, key_start + cfg.d_k),
+                              torch.arange(value_start, value_start + cfg.d_v)]).to(x.device)
+        projected = F.linear(x, self.in_proj_qkv.weight[channels])  # [batch, pos, d_k + d_v]
+        k, v = causal_conv(projected, self.conv1d.weight[channels], None, None).split([cfg.d_k, cfg.d_v], dim=-1)
+        one = slice(head, head + 1)
+        return {
+            "write_k": l2_normalise(k[:, :, None].float()),
+            "write_v": v[:, :, None].float(),
+            "write_beta": torch.sigmoid(F.linear(x, self.in_proj_b.weight[one])).float(),
+            "decay": -self.A_log[one].float().exp() * F.softplus(F.linear(x, self.in_proj_a.weight[one]).float()
+                                                                 + self.dt_bias[one]),
+        }
+
     def _gated_norm(self, reads: Tensor, gate: Tensor) -> Tensor:
         """Per-head RMSNorm of the read, times the weight, times SiLU of the gate."""
         r = reads.float()
@@ -226,15 +247,19 @@ class Qwen35Block(nn.Module):
 
     supports_keep = True  # forward(..., keep=positions): see HookedRecurrentLM.forward's final_positions
 
+    def mixer_input(self, resid: Tensor) -> Tensor:
+        """What the token mixer reads: ``ln1(resid)``."""
+        return self.ln1(resid)
+
     def forward(self, resid: Tensor, layer_cache: dict | None, pos_offset: int | Tensor,
                 keep: Tensor | None = None) -> Tensor:
         """``keep`` [batch, n_keep]: the output [batch, n_keep, d_model] only at those positions; the mixer (and so the
         cache) still runs every position, the hook points after it see only the kept ones."""
         resid = self.hook_resid_pre(resid)
         if self.is_attention:
-            mixed = self.hook_attn_out(self.attn(self.ln1(resid), layer_cache, pos_offset, keep))
+            mixed = self.hook_attn_out(self.attn(self.mixer_input(resid), layer_cache, pos_offset, keep))
         else:
-            mixed = self.hook_mixer_out(self.mixer(self.ln1(resid), layer_cache, keep))
+            mixed = self.hook_mixer_out(self.mixer(self.mixer_input(resid), layer_cache, keep))
         if keep is not None:
             resid = at_positions(resid, keep)
         resid = self.hook_resid_mid(resid + mixed)

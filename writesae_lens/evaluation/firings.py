@@ -75,7 +75,7 @@ class _Stop(Exception):
 
 def capture_until(model, tokens: Tensor, names: list[str], stop_at: str) -> dict[str, Tensor]:
     """The activations at hook points ``names`` of one forward pass that is abandoned at hook point ``stop_at``
-    (which must run after all of them): nothing after it is computed."""
+    (which must run after all of them, or be one of them: its capture runs first): nothing after it is computed."""
     captured: dict[str, Tensor] = {}
 
     def keep(x: Tensor, hook) -> None:
@@ -99,14 +99,22 @@ def capture_until(model, tokens: Tensor, names: list[str], stop_at: str) -> dict
 def head_states(model, tokens: Tensor, layer: int, head: int) -> tuple[Tensor, dict[str, Tensor]]:
     """States ``[batch, pos, d_k * d_v]`` of one head, from that head's write factors only (no all-head trajectory),
     and the native factors ``k`` [b, p, d_k], ``v`` [b, p, d_v], ``beta`` [b, p], plus ``resid`` [b, p, d_model], the
-    residual stream entering the layer, and each of the model's ``carried_streams`` [b, p, ...]. The forward pass
-    stops at the layer's read: nothing of that layer's recurrence or of later layers runs."""
-    mixer = model.blocks[layer].mixer
+    residual stream entering the layer, and each of the model's ``carried_streams`` [b, p, ...]. Nothing of that
+    layer's recurrence or of later layers runs: where the mixer computes one head's factors by itself
+    (``head_write_factors``), the forward pass stops where the layer starts; otherwise at the layer's read, with the
+    factors captured from its hooks."""
+    block = model.blocks[layer]
+    mixer = block.mixer
     extras = mixer.transition_factor_names  # e.g. RWKV-7's erase factors
-    names = {n: mixer_hook(layer, f"hook_{n}") for n in ("write_k", "write_v", "write_beta", "decay", *extras)}
     streams = {"resid": f"blocks.{layer}.hook_resid_pre", **model.carried_streams}
-    cache = capture_until(model, tokens, [*names.values(), *streams.values()], mixer_hook(layer, "hook_read_q"))
-    head_of = {n: cache[names[n]][:, :, head : head + 1].float() for n in names}
+    # carried streams (RWKV-7's v-first) are made inside layer 0's mixer: the early stop needs a later layer
+    if mixer.has_head_write_factors and (layer > 0 or not model.carried_streams):
+        cache = capture_until(model, tokens, list(streams.values()), streams["resid"])
+        head_of = mixer.head_write_factors(block.mixer_input(cache[streams["resid"]]), head)
+    else:
+        names = {n: mixer_hook(layer, f"hook_{n}") for n in ("write_k", "write_v", "write_beta", "decay", *extras)}
+        cache = capture_until(model, tokens, [*names.values(), *streams.values()], mixer_hook(layer, "hook_read_q"))
+        head_of = {n: cache[names[n]][:, :, head : head + 1].float() for n in names}
     k, v, beta = head_of["write_k"], head_of["write_v"], head_of["write_beta"]
     transition = mixer._transition(k, beta, head_of["decay"], {n: head_of[n] for n in extras})
     _, _, trajectory = mixer._recurrence(k, k, beta[..., None] * v, transition, None, return_trajectory=True)

@@ -145,6 +145,16 @@ class MatrixWriteMixer(nn.Module):
         reads = _hooked(self.hook_read, reads)
         return reads, final
 
+    has_head_write_factors = False  # whether head_write_factors is implemented
+
+    def head_write_factors(self, x: Tensor, head: int) -> dict[str, Tensor]:
+        """One head's write factors ``write_k`` [batch, pos, 1, d_k], ``write_v`` [batch, pos, 1, d_v],
+        ``write_beta`` and ``decay`` [batch, pos, 1] (and the family's transition factors), as the forward pass
+        computes them from the mixer input ``x``, but from that head's projections only (families that can set
+        ``has_head_write_factors``; the others' factors are captured from a forward pass). The substitution test's
+        scan uses it."""
+        raise NotImplementedError(f"{type(self).__name__} has no head_write_factors; capture the write hooks instead")
+
     # ---- the family's recurrence: Gated DeltaNet and Mamba-2 here, overridden by DPLRWriteMixer ----------------
     write_key_in_transition = True  # the chunked recurrence writes along the key its transition erases along
     transition_factor_names: tuple[str, ...] = ()  # extra transition factors, each with a hook point hook_{name}
