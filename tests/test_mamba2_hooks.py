@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from closeness import relative_error
+from mamba2_factory import CONFIGS
 
 
 LAYER = 1
@@ -174,3 +175,23 @@ def test_prefix_then_continue_with_clamped_time_steps(mamba2_folders):
         cache = model.empty_cache()
         parts = [model(tokens[:, :30], cache=cache)] + [model(tokens[:, t : t + 1], cache=cache) for t in range(30, 40)]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_head_write_factors_on_every_configuration(mamba2_folders, name):
+    """In-projection and conv biases, the time-step limit and every group layout: one head's factors computed from its
+    own projection rows equal the write hooks."""
+    from writesae_lens.adapters.mamba2 import HookedMamba2
+
+    model = HookedMamba2.from_pretrained(mamba2_folders[name]).eval()
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 30), generator=torch.Generator().manual_seed(3))
+    names = ("write_k", "write_v", "write_beta", "decay")
+    layer = model.cfg.n_layers - 1
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        x = model.blocks[layer].mixer_input(cache[f"blocks.{layer}.hook_resid_pre"])
+        for head in range(model.cfg.n_heads):
+            factors = model.blocks[layer].mixer.head_write_factors(x, head)
+            for n in names:
+                hooked = cache[f"blocks.{layer}.mixer.hook_{n}"][:, :, head : head + 1]
+                assert torch.allclose(factors[n], hooked, atol=1e-6, rtol=1e-5), (n, head)

@@ -251,3 +251,22 @@ def test_final_positions_with_a_recurrent_last_layer(qwen35_folders, name):
         assert torch.allclose(kept, full[torch.arange(2)[:, None], positions], atol=1e-5)
         step = tokens[:, :1]
         assert torch.allclose(model(step, cache=kept_cache), model(step, cache=full_cache), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["square_custom_layers", "recurrent_only"])
+def test_head_write_factors_on_other_layouts(qwen35_folders, name):
+    """One value head's factors from its key head's and its own projection rows equal the write hooks, also with
+    layer 0 recurrent and one key head shared by two value heads."""
+    from writesae_lens.adapters.qwen35 import HookedQwen35
+
+    model = HookedQwen35.from_pretrained(qwen35_folders[name]).eval()
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        for layer in model.cfg.recurrent_layers:
+            x = model.blocks[layer].mixer_input(cache[f"blocks.{layer}.hook_resid_pre"])
+            for head in range(model.cfg.n_heads):
+                factors = model.blocks[layer].mixer.head_write_factors(x, head)
+                for n in ("write_k", "write_v", "write_beta", "decay"):
+                    hooked = cache[f"blocks.{layer}.mixer.hook_{n}"][:, :, head : head + 1]
+                    assert torch.allclose(factors[n], hooked, atol=1e-6, rtol=1e-5), (layer, n, head)
