@@ -2,10 +2,10 @@
 
 Per group of passages, one batched native pass from the edited layer (its input was kept by the scan, so earlier
 layers never run again) gives the native next-token distributions where KLs are read and keeps, per passage, cache
-snapshots at the positions its edited rows start from (states only there, from the chunked algebra). Then rows (firing x condition), from any number of
-passages, run together: each row starts from its own snapshot with its edit applied, runs only the positions up to
-where its KL is read, and shares its passage's attention keys instead of copying them. Only the final residual at
-each row's read position goes through the unembedding.
+snapshots at the positions its edited rows start from (states only there, from the chunked algebra). Then rows
+(firing x condition), from any number of passages, run together: each row starts from its own snapshot with its edit
+applied, runs only the positions up to where its KL is read, and shares its passage's attention keys instead of
+copying them. Only the final residual at each row's read position goes through the unembedding.
 
 Edit timing: ``"after_read"`` adds the edit to the cached state after position t was read, so rows start at t + 1;
 ``"write"`` adds it to the write at t, so rows start at t. ``kl_at``: ``"next"`` reads the KL at the row's first

@@ -37,12 +37,10 @@ from ..interventions import atom_matrices, gaussian_rank1, random_alive_atoms
 from .edited_runs import EditedRuns, check_run_options
 from .firings import FiringScan, check_cell, head_states, scan_firings, select_firings
 from .passages import as_passages
-from .records import RECORD_COLUMNS, FiringRecord, records_frame
+from .records import CONDITIONS, RECORD_COLUMNS, FiringRecord, records_frame
 
 __all__ = ["CONDITIONS", "FiringScan", "check_cell", "head_states", "replacement_test", "scan_firings",
            "select_firings"]
-
-CONDITIONS = ("atom", "delete", "random")
 
 
 @torch.no_grad()
