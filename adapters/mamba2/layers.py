@@ -67,9 +67,7 @@ class Mamba2Mixer(MatrixWriteMixer):
         heads_per_group = cfg.n_heads // cfg.n_groups
         B = B.reshape(batch, n_pos, cfg.n_groups, cfg.d_k).float().repeat_interleave(heads_per_group, dim=2)
         C = C.reshape(batch, n_pos, cfg.n_groups, cfg.d_k).float().repeat_interleave(heads_per_group, dim=2)
-        low, high = cfg.time_step_limit
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=low, max=high)  # [batch, pos, head]
-        log_decay = dt * -self.A_log.float().exp()  # dt A: [batch, pos, head]
+        dt, log_decay = self._time_step_and_decay(dt)  # dt and dt A: [batch, pos, head] each
 
         skip = self.D.float()[:, None] * x  # before the write hooks, which may edit x in place: [batch, pos, head, d_v]
 
@@ -96,11 +94,16 @@ class Mamba2Mixer(MatrixWriteMixer):
         conv_bias = self.conv1d.bias[channels] if self.conv1d.bias is not None else None
         value, key = causal_conv(projected, self.conv1d.weight[channels], conv_bias, None).split([cfg.d_v, cfg.d_k],
                                                                                                 dim=-1)
-        low, high = cfg.time_step_limit
-        one = slice(head, head + 1)
-        dt = F.softplus(dt.float() + self.dt_bias[one].float()).clamp(min=low, max=high)  # [batch, pos, 1]
+        dt, log_decay = self._time_step_and_decay(dt, slice(head, head + 1))  # [batch, pos, 1] each
         return {"write_k": key[:, :, None].float(), "write_v": value[:, :, None].float(), "write_beta": dt,
-                "decay": dt * -self.A_log[one].float().exp()}
+                "decay": log_decay}
+
+    def _time_step_and_decay(self, dt: Tensor, heads: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """The time step ``clamp(softplus(dt + dt_bias), time_step_limit)`` of ``heads`` from their projection
+        [batch, pos, len(heads)] and the log decay ``dt A`` (fp32)."""
+        low, high = self.cfg.time_step_limit
+        dt = F.softplus(dt.float() + self.dt_bias[heads].float()).clamp(min=low, max=high)
+        return dt, dt * -self.A_log[heads].float().exp()
 
     def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
         """``y * SiLU(z)``, RMS-normalised over each of the n_groups groups of channels, times the weight (fp32)."""

@@ -65,8 +65,7 @@ class GatedDeltaNet(MatrixWriteMixer):
         v = v.reshape(batch, n_pos, cfg.n_heads, cfg.d_v).float()
         q = l2_normalise(q) * cfg.d_k**-0.5  # [batch, pos, head, d_k]
         k = l2_normalise(k)  # [batch, pos, head, d_k]
-        beta = torch.sigmoid(self.in_proj_b(x)).float()  # [batch, pos, head]
-        log_decay = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        beta, log_decay = self._strength_and_decay(self.in_proj_b(x), self.in_proj_a(x))  # [batch, pos, head] each
 
         reads = self.recur_with_cache(q, k, v, beta, log_decay, layer_cache)  # [batch, pos, head, d_v]
         if keep is not None:
@@ -88,13 +87,15 @@ class GatedDeltaNet(MatrixWriteMixer):
         projected = F.linear(x, self.in_proj_qkv.weight[channels])  # [batch, pos, d_k + d_v]
         k, v = causal_conv(projected, self.conv1d.weight[channels], None, None).split([cfg.d_k, cfg.d_v], dim=-1)
         one = slice(head, head + 1)
-        return {
-            "write_k": l2_normalise(k[:, :, None].float()),
-            "write_v": v[:, :, None].float(),
-            "write_beta": torch.sigmoid(F.linear(x, self.in_proj_b.weight[one])).float(),
-            "decay": -self.A_log[one].float().exp() * F.softplus(F.linear(x, self.in_proj_a.weight[one]).float()
-                                                                 + self.dt_bias[one]),
-        }
+        beta, log_decay = self._strength_and_decay(F.linear(x, self.in_proj_b.weight[one]),
+                                                   F.linear(x, self.in_proj_a.weight[one]), one)
+        return {"write_k": l2_normalise(k[:, :, None].float()), "write_v": v[:, :, None].float(),
+                "write_beta": beta, "decay": log_decay}
+
+    def _strength_and_decay(self, b: Tensor, a: Tensor, heads: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """The write strength ``sigmoid(b)`` and the log decay ``-exp(A_log) softplus(a + dt_bias)`` of ``heads``
+        from their projections ``b``, ``a`` [batch, pos, len(heads)] (fp32)."""
+        return torch.sigmoid(b).float(), -self.A_log[heads].float().exp() * F.softplus(a.float() + self.dt_bias[heads])
 
     def _gated_norm(self, reads: Tensor, gate: Tensor) -> Tensor:
         """Per-head RMSNorm of the read, times the weight, times SiLU of the gate."""
