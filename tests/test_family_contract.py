@@ -241,3 +241,20 @@ def test_head_write_factors_equal_the_write_hooks(family):
                 hooked = cache[f"blocks.{LAYER}.mixer.hook_{name}"][:, :, head : head + 1]
                 assert factors[name].shape == hooked.shape, name
                 assert torch.allclose(factors[name], hooked.float(), atol=1e-6, rtol=1e-5), (name, head)
+
+
+@pytest.mark.parametrize("pair", ["qwen35_pair", "mamba2_pair"])
+def test_loss_return_types_match_transformers(pair, request):
+    """return_type "both" / "loss" (mean or per token) / None and stop_at_layer, the loss equal to transformers'
+    (the families with a transformers reference)."""
+    hf, model = request.getfixturevalue(pair)
+    tokens = torch.randint(0, 100, (2, 30), generator=torch.Generator().manual_seed(5))
+    logits, loss = model(tokens, return_type="both")
+    per_token = model(tokens, return_type="loss", loss_per_token=True)
+    assert per_token.shape == (2, 29)
+    assert torch.allclose(per_token.mean(), loss)
+    with torch.no_grad():
+        ref = hf(tokens, labels=tokens).loss
+    assert abs(loss.item() - ref.item()) < 1e-4
+    assert model(tokens, return_type=None) is None
+    assert model(tokens, stop_at_layer=2).shape == (2, 30, model.cfg.d_model)

@@ -75,20 +75,6 @@ def test_from_hf_model_and_bf16(mamba2_pair):
     assert relative_error(low.float(), full) < 0.1  # bf16 weights: coarse agreement, and no crash in the fp32 recurrence
 
 
-def test_loss_return_types(mamba2_pair):
-    hf, model = mamba2_pair
-    tokens = torch.randint(0, 100, (2, 30), generator=torch.Generator().manual_seed(5))
-    logits, loss = model(tokens, return_type="both")
-    per_token = model(tokens, return_type="loss", loss_per_token=True)
-    assert per_token.shape == (2, 29)
-    assert torch.allclose(per_token.mean(), loss)
-    with torch.no_grad():
-        ref = hf(tokens, labels=tokens).loss
-    assert abs(loss.item() - ref.item()) < 1e-4
-    assert model(tokens, return_type=None) is None
-    assert model(tokens, stop_at_layer=2).shape == (2, 30, model.cfg.d_model)
-
-
 def test_tokenizer_is_loaded_and_used(tmp_path):
     folder = build_checkpoint_with_tokenizer(tmp_path / "tok")
     model = HookedMamba2.from_pretrained(folder)

@@ -73,18 +73,3 @@ def test_from_hf_model_and_bf16(qwen35_pair):
         low = half(tokens).float()
     full = model(tokens)
     assert relative_error(low, full) < 0.1  # bf16 weights: coarse agreement, and no crash in the fp32 recurrence
-
-
-def test_loss_return_types(qwen35_pair):
-    hf, model = qwen35_pair
-    tokens = torch.randint(0, 100, (2, 30), generator=torch.Generator().manual_seed(5))
-    logits, loss = model(tokens, return_type="both")
-    per_token = model(tokens, return_type="loss", loss_per_token=True)
-    assert per_token.shape == (2, 29)
-    assert torch.allclose(per_token.mean(), loss)
-    with torch.no_grad():
-        ref = hf(tokens, labels=tokens).loss
-    assert abs(loss.item() - ref.item()) < 1e-4
-    assert model(tokens, return_type=None) is None
-    resid = model(tokens, stop_at_layer=2)
-    assert resid.shape == (2, 30, model.cfg.d_model)
