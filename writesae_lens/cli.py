@@ -4,7 +4,9 @@
     writesae train --model PATH --layer 9 --head 4 --out runs/L9H4
     writesae substitution --model PATH --sae runs/L9H4/sae --layer 9 --head 4 --out runs/L9H4-test
 
-Heavy libraries are imported after the arguments are parsed, so ``--help`` answers at once.
+The analyses beyond these live in ``writesae_lens.commands`` (one module per subcommand, found automatically).
+Every command writes its results through ``outputs.staged_output``: nothing appears in ``--out`` before the run
+succeeded. Heavy libraries are imported after the arguments are parsed, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from .commands import command_modules
+from .commands.common import cell_arguments as _cell_arguments
+from .commands.common import model_arguments as _model_arguments
+from .commands.common import output_arguments as _output_arguments
+from .commands.common import torch_dtype as _dtype
 
 # The demo's cell and sizes: small enough for a few minutes on a 2-core CPU.
 DEMO = dict(model="qwen35-tiny", layer=1, head=0, d_sae=256, k=16, context_size=128, training_tokens=128 * 16 * 250,
@@ -77,33 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "snapshots); lower it to use less memory (default: %(default)s)")
     subst.add_argument("--seed", type=int, default=2026)
     _output_arguments(subst)
+
+    for module in command_modules():
+        command = sub.add_parser(module.NAME, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
+        module.add_arguments(command)
     return parser
-
-
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="a shipped model name (qwen35-tiny, mamba2-tiny), a checkpoint folder, or a hub id")
-    parser.add_argument("--text", type=Path, default=None,
-                        help="a UTF-8 text file, documents separated by <|endoftext|> or blank lines "
-                        "(default: the held-out text shipped with the package)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model weights' dtype")
-
-
-def _cell_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layer", type=int, required=True, help="a recurrent layer of the model")
-    parser.add_argument("--head", type=int, required=True, help="a head of that layer")
-
-
-def _output_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="output folder (must be empty or new)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    runners = {"demo": run_demo, "train": run_train, "substitution": run_substitution}
+    runners.update({module.NAME: module.run for module in command_modules()})
     try:
-        return {"demo": run_demo, "train": run_train, "substitution": run_substitution}[args.command](args)
+        return runners[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
         print(f"writesae {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -112,11 +106,20 @@ def main(argv: list[str] | None = None) -> int:
 def run_demo(args) -> int:
     import torch
 
+    from .outputs import staged_output
+
+    torch.manual_seed(0)
+    with staged_output(args.out, args.overwrite) as out:
+        text, elapsed = _demo(args, out)
+    print(text)
+    print(f"\nrecords, summary and plots in {args.out}/ ({elapsed:.0f} s)")
+    return 0
+
+
+def _demo(args, out: Path) -> tuple[str, float]:
     from . import pipeline
     from .models import load_hooked_model
 
-    torch.manual_seed(0)
-    pipeline.check_output_folder(args.out, args.overwrite)
     start = time.perf_counter()
     print(f"[1/3] loading the embedded model {DEMO['model']!r} and its held-out text")
     model = load_hooked_model(DEMO["model"], device=args.device)
@@ -128,23 +131,22 @@ def run_demo(args) -> int:
     )
     print(f"[2/3] training a WriteSAE (d_sae {settings.d_sae}, k {settings.k}) with SAELens on "
           f"blocks.{settings.layer}.mixer.hook_state, head {settings.head}")
-    sae = pipeline.train_state_sae(model, train_docs, settings, args.out / "sae", device=args.device)
+    sae = pipeline.train_state_sae(model, train_docs, settings, out / "sae", device=args.device)
     passages = pipeline.token_passages(model, eval_docs, DEMO["passages"], DEMO["passage_len"]).to(args.device)
     print(f"[3/3] substitution test on {passages.shape[0]} held-out passages of {passages.shape[1]} tokens")
-    _, _, text = pipeline.run_substitution(model, sae, settings.layer, settings.head, passages, args.out,
+    _, _, text = pipeline.run_substitution(model, sae, settings.layer, settings.head, passages, out,
                                            seed=args.seed, max_firings_per_feature=DEMO["max_firings_per_feature"],
                                            max_firings=DEMO["max_firings"])
-    pipeline.save_settings(args.out, demo=DEMO, train=settings, seed=args.seed)
-    print(text)
-    print(f"\nrecords, summary and plots in {args.out}/ ({time.perf_counter() - start:.0f} s)")
-    return 0
+    pipeline.save_settings(out, demo=DEMO, train=settings, seed=args.seed)
+    return text, time.perf_counter() - start
 
 
 def run_train(args) -> int:
     from . import pipeline
     from .models import load_hooked_model
+    from .outputs import check_output_folder, staged_output
 
-    pipeline.check_output_folder(args.out, args.overwrite)
+    check_output_folder(args.out, args.overwrite)
     model = load_hooked_model(args.model, device=args.device, dtype=_dtype(args.dtype))
     settings = pipeline.TrainSettings(
         layer=args.layer, head=args.head, d_sae=args.d_sae, k=args.k, context_size=args.context_size,
@@ -152,43 +154,33 @@ def run_train(args) -> int:
         warmup_steps=args.warmup_steps, final_token_only=args.final_token_only, seed=args.seed,
     )
     train_docs, _ = pipeline.split_documents(pipeline.load_texts(args.text))
-    pipeline.train_state_sae(model, train_docs, settings, args.out / "sae", device=args.device)
-    pipeline.save_settings(args.out, model=args.model, text=args.text, train=settings)
+    with staged_output(args.out, args.overwrite) as out:
+        pipeline.train_state_sae(model, train_docs, settings, out / "sae", device=args.device)
+        pipeline.save_settings(out, model=args.model, text=args.text, train=settings)
     print(f"saved the WriteSAE in {args.out / 'sae'}")
     return 0
 
 
 def run_substitution(args) -> int:
-    from sae_lens import SAE
-
-    import writesae_lens.saes  # noqa: F401  (registers the WriteSAE architectures with SAELens)
-
     from . import pipeline
-    from .models import load_hooked_model
+    from .commands.common import heldout_passages, load_model, load_sae
+    from .outputs import check_output_folder, staged_output
 
-    pipeline.check_output_folder(args.out, args.overwrite)
-    if not (args.sae / "cfg.json").exists():
-        raise FileNotFoundError(f"{args.sae} is not a saved SAE folder (no cfg.json)")
-    model = load_hooked_model(args.model, device=args.device, dtype=_dtype(args.dtype))
-    sae = SAE.load_from_disk(args.sae, device=args.device)
-    _, eval_docs = pipeline.split_documents(pipeline.load_texts(args.text))
-    passages = pipeline.token_passages(model, eval_docs, args.passages, args.passage_len).to(args.device)
-    _, _, text = pipeline.run_substitution(
-        model, sae, args.layer, args.head, passages, args.out, seed=args.seed,
-        max_firings_per_feature=args.max_firings_per_feature, max_firings=args.max_firings,
-        amplitude=args.amplitude, timing=args.timing, kl_at=args.kl_at, batch_size=args.batch_size,
-        passage_batch_size=args.passage_batch_size,
-    )
-    pipeline.save_settings(args.out, **{k: v for k, v in vars(args).items() if k != "command"})
+    check_output_folder(args.out, args.overwrite)
+    model = load_model(args)
+    sae = load_sae(args.sae, args.device)
+    passages = heldout_passages(model, args, args.passages, args.passage_len)
+    with staged_output(args.out, args.overwrite) as out:
+        _, _, text = pipeline.run_substitution(
+            model, sae, args.layer, args.head, passages, out, seed=args.seed,
+            max_firings_per_feature=args.max_firings_per_feature, max_firings=args.max_firings,
+            amplitude=args.amplitude, timing=args.timing, kl_at=args.kl_at, batch_size=args.batch_size,
+            passage_batch_size=args.passage_batch_size,
+        )
+        pipeline.save_settings(out, **{k: v for k, v in vars(args).items() if k != "command"})
     print(text)
     print(f"\nrecords, summary and plots in {args.out}/")
     return 0
-
-
-def _dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
 
 
 if __name__ == "__main__":

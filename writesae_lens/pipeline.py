@@ -6,7 +6,6 @@ The command line (``writesae``) is a thin layer over these functions; notebooks 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,21 +68,6 @@ def token_passages(model, documents: list[str], n_passages: int, n_pos: int) -> 
     if n == 0:
         raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than one passage of {n_pos}")
     return torch.tensor(ids[: n * n_pos]).reshape(n, n_pos)
-
-
-def check_output_folder(path: Path, overwrite: bool) -> None:
-    """Refuse to write into a non-empty folder unless asked (then clear only what this job writes)."""
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"output folder {path} is not empty; choose another or pass --overwrite")
-        for name in ("sae", "records.csv", "records.parquet", "summary.txt", "summary.json", "kl_scatter.png",
-                     "kl_log_ratio_density.png", "settings.json"):
-            target = path / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    path.mkdir(parents=True, exist_ok=True)
 
 
 def train_state_sae(model, documents: list[str], settings: TrainSettings, output: Path, device: str = "cpu"):
