@@ -21,6 +21,7 @@ from transformer_lens.hook_points import HookPoint
 from writesae_lens.hooking.components import GatedMLP, RMSNorm
 from writesae_lens.hooking.conv import causal_conv
 from writesae_lens.hooking.grouped_attention import grouped_mix, grouped_scores
+from writesae_lens.hooking.padding import pad_mask
 from writesae_lens.hooking.write_mixer import MatrixWriteMixer
 from writesae_lens.ops.gated_delta import at_positions
 
@@ -161,8 +162,12 @@ class GatedAttention(nn.Module):
                     k = torch.cat([layer_cache["k"], k], dim=2)
                     v = torch.cat([layer_cache["v"], v], dim=2)
                 layer_cache["k"], layer_cache["v"] = k, v
-                if "valid" in layer_cache:
-                    valid = torch.cat([layer_cache["valid"], layer_cache["valid"].new_ones(batch, n_pos)], dim=1)
+                pad = pad_mask(layer_cache)  # left pads (a call that starts the sequence): their keys stay masked
+                if "valid" in layer_cache or pad is not None:
+                    new_valid = ~pad if pad is not None else torch.ones(batch, n_pos, dtype=torch.bool,
+                                                                         device=x.device)
+                    old_valid = layer_cache.get("valid")
+                    valid = new_valid if old_valid is None else torch.cat([old_valid, new_valid], dim=1)
                     layer_cache["valid"] = valid
         repeat = cfg.n_attn_heads // cfg.n_kv_heads
         grouped_q = q.transpose(1, 2).reshape(batch, cfg.n_kv_heads, repeat, n_q, cfg.d_head)
@@ -172,6 +177,11 @@ class GatedAttention(nn.Module):
         allowed = allowed.reshape(-1 if allowed.dim() == 3 else 1, 1, n_q, n_keys)  # [batch or 1, 1, q, k]
         if valid is not None:
             allowed = allowed & valid[:, None, None, :]  # [batch, 1, q_pos, k_pos]
+            pad = pad_mask(layer_cache)
+            if pad is not None:  # a pad query sees its own key only (no empty softmax row; no real query sees it)
+                pad_q = pad if keep is None else pad.gather(1, keep.to(pad.device))  # [batch, q]
+                own = torch.arange(n_keys, device=x.device) == (query_at + n_keys - n_pos)[..., None]  # [(b,) q, k]
+                allowed = allowed | (own & pad_q[..., None])[:, None]
         if shared is None and not (self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()):
             # nobody looks at the scores: the fused kernel, on the same folded layout and mask
             folded_allowed = allowed.unsqueeze(-3).expand(*allowed.shape[:-2], repeat, n_q, n_keys)

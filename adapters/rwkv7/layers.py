@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from writesae_lens.hooking.dplr_mixer import DPLRWriteMixer
+from writesae_lens.hooking.padding import pad_mask
 from writesae_lens.hooking.write_mixer import run_hook_keeping_shape
 from writesae_lens.ops.gated_delta import at_positions
 
@@ -72,7 +73,9 @@ def token_shift(x: Tensor, layer_cache: dict | None, key: str) -> Tensor:
     previous = layer_cache.get(key) if layer_cache is not None else None
     if previous is None:
         previous = x.new_zeros(x.shape[0], x.shape[-1])
-    full = torch.cat([previous[:, None].to(x.dtype), x], dim=1)  # [batch, 1 + pos, d]
+    pad = pad_mask(layer_cache)
+    shifted = x if pad is None else x.masked_fill(pad[..., None], 0.0)  # left pads: a row sees zeros before it
+    full = torch.cat([previous[:, None].to(x.dtype), shifted], dim=1)  # [batch, 1 + pos, d]
     if layer_cache is not None:
         layer_cache[key] = full[:, -1]
         if layer_cache.get("snapshot_at") is not None:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.gated_delta import at_positions
+from .padding import pad_mask
 
 
 def causal_conv(
@@ -25,6 +26,9 @@ def causal_conv(
     history = layer_cache.get("conv") if layer_cache is not None else None
     if history is None:
         history = projected.new_zeros(batch, channels, width)
+    pad = pad_mask(layer_cache)
+    if pad is not None:  # left pads enter no window: a row sees zeros before its first token, as alone
+        projected = projected.masked_fill(pad[..., None], 0.0)
     full = torch.cat([history.to(projected.dtype), projected.transpose(1, 2)], dim=-1)  # [batch, channels, K-1+pos]
     if layer_cache is not None:
         layer_cache["conv"] = full[..., full.shape[-1] - width :]

@@ -26,6 +26,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from ..ops.gated_delta import at_positions
 from .cache import RecurrentCache
+from .padding import left_padding
 from .sampling import sample_next_token
 from .write_mixer import SPARSE_HOOK_NAMES
 
@@ -122,6 +123,17 @@ class HookedRecurrentLM(HookedRootModule):
         tokens = torch.tensor(padded, dtype=torch.long)
         return tokens.to(self.cfg.device) if move_to_device else tokens
 
+    def to_tokens_and_mask(self, texts: list[str], prepend_bos: bool | None = None) -> tuple[Tensor, Tensor]:
+        """Left-padded tokens [batch, pos] of several strings and their ``attention_mask`` (1 = real, 0 = pad)."""
+        rows = [self.to_tokens(text, prepend_bos=prepend_bos)[0] for text in texts]
+        width = max(len(row) for row in rows)
+        tokens = torch.full((len(rows), width), self._pad_token_id(), dtype=torch.long, device=rows[0].device)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=rows[0].device)
+        for i, row in enumerate(rows):
+            tokens[i, width - len(row):] = row
+            mask[i, width - len(row):] = 1
+        return tokens, mask
+
     def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
         """Decode ``[pos]`` to a string or ``[batch, pos]`` to a list of strings."""
         tokenizer = self._require_tokenizer()
@@ -178,8 +190,6 @@ class HookedRecurrentLM(HookedRootModule):
         stream) only at those positions of each row, ``[batch, n_sel, ...]``. The cache still covers every position;
         the last block skips its position-wise work elsewhere when it can (``supports_keep``), and then its hook
         points after the mixer see only the selected positions. No loss with it."""
-        if unused.get("attention_mask") is not None:
-            raise ValueError("attention_mask is not supported: recurrent layers have no padding mask; pass unpadded rows")
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         if start_at_layer is not None:
@@ -203,9 +213,36 @@ class HookedRecurrentLM(HookedRootModule):
         if cache is not None and last != self.cfg.n_layers:
             raise ValueError("stop_at_layer before the last layer cannot be combined with a cache (the cache would be "
                              "left half-updated); stop_at_layer=n_layers (the final residual stream) can")
+        pad = left_padding(unused.get("attention_mask"), tokens if resid is None else input, cache, return_type,
+                           loss_per_token)
+        if pad is not None:  # the pads' positions: no write, identity transitions, out of every window and key set
+            cache = self.empty_cache() if cache is None else cache
+            cache.positions = -pad.sum(1)  # rotary positions count from each row's first real token
+            for layer_cache in cache.layers:
+                layer_cache["pad"] = pad
         offset = cache.offsets() if cache is not None else 0
         if resid is None:
             resid = self.hook_embed(self.embed(tokens))  # [batch, pos, d_model]
+        n_pos = resid.shape[1]
+        try:
+            resid = self._run_blocks(resid, cache, offset, first, last, final_positions, return_type)
+        finally:
+            if pad is not None:
+                for layer_cache in cache.layers:
+                    layer_cache.pop("pad", None)
+        if cache is not None:
+            cache.advance(n_pos)
+        if stop_at_layer is not None:
+            return resid
+        if return_type is None:
+            return None
+        logits = self.unembed(self.ln_final(resid))  # [batch, pos, d_vocab]
+        if return_type == "logits":
+            return logits
+        loss = next_token_loss(logits, tokens, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _run_blocks(self, resid, cache, offset, first, last, final_positions, return_type) -> Tensor:
         n_pos = resid.shape[1]
         if final_positions is not None:
             final_positions = self._checked_final_positions(final_positions, resid.shape[0], n_pos, last, return_type)
@@ -218,17 +255,7 @@ class HookedRecurrentLM(HookedRootModule):
                 resid = block(resid, layer_cache, offset, keep=final_positions)  # [batch, n_sel, d_model]
             else:
                 resid = at_positions(block(resid, layer_cache, offset), final_positions)
-        if cache is not None:
-            cache.advance(n_pos)
-        if stop_at_layer is not None:
-            return resid
-        if return_type is None:
-            return None
-        logits = self.unembed(self.ln_final(resid))  # [batch, pos, d_vocab]
-        if return_type == "logits":
-            return logits
-        loss = next_token_loss(logits, tokens, per_token=loss_per_token)
-        return loss if return_type == "loss" else (logits, loss)
+        return resid
 
     def _checked_final_positions(self, positions, batch: int, n_pos: int, last: int, return_type) -> Tensor:
         if last != self.cfg.n_layers:
@@ -280,25 +307,37 @@ class HookedRecurrentLM(HookedRootModule):
         return_type: Literal["input", "str", "tokens"] = "input",
         seed: int | None = None,
         verbose: bool = True,
+        attention_mask: Tensor | None = None,
     ):
         """Sample (or, with ``do_sample=False``, greedily decode) ``max_new_tokens`` tokens.
 
         With ``use_past_kv_cache`` (default) the prompt is run once and each new token costs one step of every layer:
         O(1) work in recurrent layers, a KV cache in attention layers. Hooks stay active throughout: during decoding
         each forward call sees one position (its ``pos`` axis has length 1). Rows that emit EOS keep emitting it.
+
+        Prompts of different lengths: a list of strings is left-padded, or pass left-padded tokens with
+        ``attention_mask`` [batch, pos] (1 = real token, 0 = pad); each row then generates what it generates alone.
         """
-        tokens = self._as_tokens(input, prepend_bos)
+        if isinstance(input, list) and len(input) > 1 and attention_mask is None:
+            tokens, attention_mask = self.to_tokens_and_mask(input, prepend_bos)
+        else:
+            tokens = self._as_tokens(input, prepend_bos)
         eos = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
         if stop_at_eos and eos is None:
             raise ValueError("stop_at_eos=True needs an eos_token_id (the tokenizer has none)")
         generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         cache = self.empty_cache() if use_past_kv_cache else None
-        step_input = tokens
+        step_input, step_mask = tokens, attention_mask
         for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
             if cache is None:
                 step_input = tokens
-            logits = self(step_input, return_type="logits", cache=cache)[:, -1]
+                if attention_mask is not None:  # the whole sequence again: the mask grows with it
+                    mask = torch.as_tensor(attention_mask).to(tokens.device)
+                    step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], tokens.shape[1] - mask.shape[1])], 1)
+            logits = self(step_input, return_type="logits", cache=cache, attention_mask=step_mask)[:, -1]
+            if cache is not None:
+                step_mask = None  # only the prompt is padded
             next_token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
             if stop_at_eos:
                 next_token = torch.where(finished, torch.full_like(next_token, eos), next_token)

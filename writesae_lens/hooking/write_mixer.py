@@ -44,6 +44,7 @@ from transformer_lens.hook_points import HookPoint
 from ..ops.finite import all_finite
 from ..ops.gated_delta import recurrence
 from ..ops.state_edits import StateEdits, propagate_edits, validate_edits
+from .padding import pad_mask
 
 WRITE_HOOK_NAMES = (
     "hook_write_k",
@@ -181,6 +182,11 @@ class MatrixWriteMixer(nn.Module):
         ``[n_sel]`` or per row ``[batch, n_sel]``). Returns the reads."""
         initial = layer_cache.get("state") if layer_cache is not None else None
         snapshot_at = layer_cache.get("snapshot_at") if layer_cache is not None else None
+        pad = pad_mask(layer_cache)
+        if pad is not None:  # left pads: zero write, identity transition (zero log decay and extra factors)
+            write_beta = write_beta.masked_fill(pad[..., None], 0.0)
+            log_decay = log_decay.masked_fill(pad.reshape(*pad.shape, *[1] * (log_decay.dim() - 2)), 0.0)
+            transition_factors = {n: f.masked_fill(pad[..., None, None], 0.0) for n, f in transition_factors.items()}
         factors = (read_q, write_k, write_v, write_beta, log_decay, initial)
         if snapshot_at is None:
             reads, final = self.run_recurrence(*factors, **transition_factors)
