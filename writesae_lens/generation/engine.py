@@ -54,6 +54,7 @@ def generate_rows(
     temperature: float = 1.0,
     seeds: list[int] | None = None,
     watch: Tensor | None = None,
+    watch_steps: int | None = None,
     keep_first_logprobs: bool = False,
     batch_size: int = 256,
     progress: bool = False,
@@ -61,7 +62,7 @@ def generate_rows(
     """Generate ``max_new_tokens`` tokens for every row (see the module docstring).
 
     ``prompts``: one 1-D token tensor per row. ``watch`` [rows, n_watch] (long, -1 = none): tokens whose log-prob and
-    rank are recorded at every step. ``seeds`` (sampling only): one per row."""
+    rank are recorded at every step (or the first ``watch_steps``; NaN / -1 after). ``seeds`` (sampling only): one per row."""
     rows = _checked_prompts(model, prompts)
     n_rows = len(rows)
     _check_options(max_new_tokens, do_sample, temperature, seeds, n_rows, batch_size)
@@ -101,7 +102,7 @@ def generate_rows(
         out = _generate_batch(model, [rows[r] for r in chunk], max_new_tokens,
                               [by_row_edits.get(r, []) for r in chunk], [by_row_pushes.get(r, []) for r in chunk],
                               do_sample, temperature, [seeds[r] for r in chunk] if seeds is not None else None,
-                              watch[chunk] if watch is not None else None, keep_first_logprobs)
+                              watch[chunk] if watch is not None else None, watch_steps, keep_first_logprobs)
         index = torch.tensor(chunk)
         tokens[index] = out.tokens
         if watch is not None:
@@ -114,7 +115,7 @@ def generate_rows(
 
 
 def _generate_batch(model, prompts, max_new_tokens, edits, pushes, do_sample, temperature, seeds, watch,
-                    keep_first) -> GenerationResult:
+                    watch_steps, keep_first) -> GenerationResult:
     device = model.cfg.device
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts])
@@ -139,8 +140,9 @@ def _generate_batch(model, prompts, max_new_tokens, edits, pushes, do_sample, te
     push_cells = [(b, 0, p) for b, row_pushes in enumerate(pushes) for p in row_pushes]
 
     cache = model.empty_cache()
-    with model.hooks(fwd_hooks=_edit_hooks(model, calls.get(-1, []), [])):
-        logits = model(tokens.to(device), attention_mask=mask.to(device), cache=cache)[:, -1]  # [batch, d_vocab]
+    with model.hooks(fwd_hooks=edit_hooks(model, calls.get(-1, []), [])):
+        last = torch.full((batch, 1), width - 1, dtype=torch.long, device=device)  # logits only where needed
+        logits = model(tokens.to(device), attention_mask=mask.to(device), cache=cache, final_positions=last)[:, -1]
     out_tokens = torch.empty(batch, max_new_tokens, dtype=torch.long)
     n_watch = watch.shape[1] if watch is not None else 0
     watch_logp = torch.full((batch, max_new_tokens, n_watch), float("nan"))
@@ -148,17 +150,18 @@ def _generate_batch(model, prompts, max_new_tokens, edits, pushes, do_sample, te
     first = None
     for step in range(max_new_tokens):
         logits = logits.float()
-        if watch is not None or (keep_first and step == 0):
+        watching = watch is not None and (watch_steps is None or step < watch_steps)
+        if watching or (keep_first and step == 0):
             logp = torch.log_softmax(logits, dim=-1)
             if keep_first and step == 0:
                 first = logp.cpu()
-            if watch is not None:
+            if watching:
                 watch_logp[:, step], watch_rank[:, step] = _watched(logits, logp, watch.to(logits.device))
         chosen = _choose(logits, do_sample, temperature, generators)  # [batch]
         out_tokens[:, step] = chosen.cpu()
         if step == max_new_tokens - 1:
             break
-        with model.hooks(fwd_hooks=_edit_hooks(model, calls.get(step, []), push_cells)):
+        with model.hooks(fwd_hooks=edit_hooks(model, calls.get(step, []), push_cells)):
             logits = model(chosen[:, None].to(device), cache=cache)[:, -1]
     return GenerationResult(out_tokens, watch_logp, watch_rank, first)
 
@@ -180,7 +183,7 @@ def _choose(logits: Tensor, do_sample: bool, temperature: float, generators) -> 
     return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
 
 
-def _edit_hooks(model, cells: list[tuple[int, int, CacheEdit]], push_cells: list[tuple[int, int, Push]]) -> list:
+def edit_hooks(model, cells: list[tuple[int, int, CacheEdit]], push_cells: list[tuple[int, int, Push]]) -> list:
     """The hooks of one forward call: per edited layer, capture the native write factors at the edited cells and add
     the edit matrices (and the pushes) after the read."""
     d_k, d_v = model.cfg.d_k, model.cfg.d_v
