@@ -29,6 +29,7 @@ from writesae_lens.hooking.conv import causal_conv
 from writesae_lens.hooking.write_mixer import MatrixWriteMixer, run_hook_keeping_shape
 
 from .config import HookedMamba2Config
+from writesae_lens.ops.precision import upcast
 
 
 class Mamba2Mixer(MatrixWriteMixer):
@@ -63,13 +64,13 @@ class Mamba2Mixer(MatrixWriteMixer):
         z, xbc, dt = self.in_proj(h).split([cfg.d_inner, cfg.conv_dim, cfg.n_heads], dim=-1)
         xbc = causal_conv(xbc, self.conv1d.weight, self.conv1d.bias, layer_cache)  # [batch, pos, conv_dim]
         x, B, C = xbc.split([cfg.d_inner, cfg.n_groups * cfg.d_k, cfg.n_groups * cfg.d_k], dim=-1)
-        x = x.reshape(batch, n_pos, cfg.n_heads, cfg.d_v).float()  # [batch, pos, head, d_v]
+        x = upcast(x.reshape(batch, n_pos, cfg.n_heads, cfg.d_v))  # [batch, pos, head, d_v]
         heads_per_group = cfg.n_heads // cfg.n_groups
-        B = B.reshape(batch, n_pos, cfg.n_groups, cfg.d_k).float().repeat_interleave(heads_per_group, dim=2)
-        C = C.reshape(batch, n_pos, cfg.n_groups, cfg.d_k).float().repeat_interleave(heads_per_group, dim=2)
+        B = upcast(B.reshape(batch, n_pos, cfg.n_groups, cfg.d_k)).repeat_interleave(heads_per_group, dim=2)
+        C = upcast(C.reshape(batch, n_pos, cfg.n_groups, cfg.d_k)).repeat_interleave(heads_per_group, dim=2)
         dt, log_decay = self._time_step_and_decay(dt)  # dt and dt A: [batch, pos, head] each
 
-        skip = self.D.float()[:, None] * x  # before the write hooks, which may edit x in place: [batch, pos, head, d_v]
+        skip = upcast(self.D)[:, None] * x  # before the write hooks, which may edit x in place: [batch, pos, head, d_v]
 
         reads = self.recur_with_cache(C, B, x, dt, log_decay, layer_cache)  # reads [batch, pos, head, d_v]
 
@@ -95,22 +96,22 @@ class Mamba2Mixer(MatrixWriteMixer):
         value, key = causal_conv(projected, self.conv1d.weight[channels], conv_bias, None).split([cfg.d_v, cfg.d_k],
                                                                                                 dim=-1)
         dt, log_decay = self._time_step_and_decay(dt, slice(head, head + 1))  # [batch, pos, 1] each
-        return {"write_k": key[:, :, None].float(), "write_v": value[:, :, None].float(), "write_beta": dt,
+        return {"write_k": upcast(key[:, :, None]), "write_v": upcast(value[:, :, None]), "write_beta": dt,
                 "decay": log_decay}
 
     def _time_step_and_decay(self, dt: Tensor, heads: slice = slice(None)) -> tuple[Tensor, Tensor]:
         """The time step ``clamp(softplus(dt + dt_bias), time_step_limit)`` of ``heads`` from their projection
         [batch, pos, len(heads)] and the log decay ``dt A`` (fp32)."""
         low, high = self.cfg.time_step_limit
-        dt = F.softplus(dt.float() + self.dt_bias[heads].float()).clamp(min=low, max=high)
-        return dt, dt * -self.A_log[heads].float().exp()
+        dt = F.softplus(upcast(dt) + upcast(self.dt_bias[heads])).clamp(min=low, max=high)
+        return dt, dt * -upcast(self.A_log[heads]).exp()
 
     def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
         """``y * SiLU(z)``, RMS-normalised over each of the n_groups groups of channels, times the weight (fp32)."""
         batch, n_pos = y.shape[:2]
-        gated = (y.float() * F.silu(z.float())).reshape(batch, n_pos, self.cfg.n_groups, -1)
+        gated = (upcast(y) * F.silu(upcast(z))).reshape(batch, n_pos, self.cfg.n_groups, -1)
         normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.cfg.eps)
-        return self.norm_w.float() * normed.reshape(batch, n_pos, self.cfg.d_inner)
+        return upcast(self.norm_w) * normed.reshape(batch, n_pos, self.cfg.d_inner)
 
 
 class Mamba2Block(nn.Module):
@@ -136,5 +137,5 @@ class Mamba2Block(nn.Module):
         resid = self.hook_resid_pre(resid)
         mixed = self.hook_mixer_out(self.mixer(self.mixer_input(resid), layer_cache))
         if self.residual_in_fp32:
-            resid = resid.float()
+            resid = upcast(resid)
         return self.hook_resid_post(resid + mixed)

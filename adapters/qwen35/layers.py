@@ -26,6 +26,7 @@ from writesae_lens.hooking.write_mixer import MatrixWriteMixer
 from writesae_lens.ops.gated_delta import at_positions
 
 from .config import ATTENTION, HookedQwen35Config
+from writesae_lens.ops.precision import compute_dtype, upcast
 
 
 def l2_normalise(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -61,9 +62,9 @@ class GatedDeltaNet(MatrixWriteMixer):
         mixed = causal_conv(self.in_proj_qkv(x), self.conv1d.weight, None, layer_cache)  # [batch, pos, conv_dim]
         q, k, v = mixed.split([cfg.n_key_heads * cfg.d_k, cfg.n_key_heads * cfg.d_k, cfg.n_heads * cfg.d_v], dim=-1)
         repeat = cfg.n_heads // cfg.n_key_heads
-        q = q.reshape(batch, n_pos, cfg.n_key_heads, cfg.d_k).repeat_interleave(repeat, dim=2).float()
-        k = k.reshape(batch, n_pos, cfg.n_key_heads, cfg.d_k).repeat_interleave(repeat, dim=2).float()
-        v = v.reshape(batch, n_pos, cfg.n_heads, cfg.d_v).float()
+        q = upcast(q.reshape(batch, n_pos, cfg.n_key_heads, cfg.d_k).repeat_interleave(repeat, dim=2))
+        k = upcast(k.reshape(batch, n_pos, cfg.n_key_heads, cfg.d_k).repeat_interleave(repeat, dim=2))
+        v = upcast(v.reshape(batch, n_pos, cfg.n_heads, cfg.d_v))
         q = l2_normalise(q) * cfg.d_k**-0.5  # [batch, pos, head, d_k]
         k = l2_normalise(k)  # [batch, pos, head, d_k]
         beta, log_decay = self._strength_and_decay(self.in_proj_b(x), self.in_proj_a(x))  # [batch, pos, head] each
@@ -90,19 +91,19 @@ class GatedDeltaNet(MatrixWriteMixer):
         one = slice(head, head + 1)
         beta, log_decay = self._strength_and_decay(F.linear(x, self.in_proj_b.weight[one]),
                                                    F.linear(x, self.in_proj_a.weight[one]), one)
-        return {"write_k": l2_normalise(k[:, :, None].float()), "write_v": v[:, :, None].float(),
+        return {"write_k": l2_normalise(upcast(k[:, :, None])), "write_v": upcast(v[:, :, None]),
                 "write_beta": beta, "decay": log_decay}
 
     def _strength_and_decay(self, b: Tensor, a: Tensor, heads: slice = slice(None)) -> tuple[Tensor, Tensor]:
         """The write strength ``sigmoid(b)`` and the log decay ``-exp(A_log) softplus(a + dt_bias)`` of ``heads``
         from their projections ``b``, ``a`` [batch, pos, len(heads)] (fp32)."""
-        return torch.sigmoid(b).float(), -self.A_log[heads].float().exp() * F.softplus(a.float() + self.dt_bias[heads])
+        return upcast(torch.sigmoid(b)), -upcast(self.A_log[heads]).exp() * F.softplus(upcast(a) + self.dt_bias[heads])
 
     def _gated_norm(self, reads: Tensor, gate: Tensor) -> Tensor:
         """Per-head RMSNorm of the read, times the weight, times SiLU of the gate."""
-        r = reads.float()
+        r = upcast(reads)
         normed = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + self.cfg.eps)
-        return ((self.norm_w * normed.to(reads.dtype)) * F.silu(gate.float())).to(reads.dtype)
+        return ((self.norm_w * normed.to(reads.dtype)) * F.silu(upcast(gate))).to(reads.dtype)
 
 
 class GatedAttention(nn.Module):
@@ -197,7 +198,7 @@ class GatedAttention(nn.Module):
                                  allowed.expand(batch, 1, n_q, n_keys)], dim=-1)
         scores = scores.flatten(1, 2) * cfg.d_head**-0.5  # [batch, head, q_pos, k_pos]
         scores = self.hook_attn_scores(scores.masked_fill(~allowed, float("-inf")))
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=compute_dtype(scores)).to(q.dtype))
         grouped_pattern = pattern.unflatten(1, (cfg.n_kv_heads, repeat))
         grouped_z = grouped_mix(grouped_pattern[..., -n_keys:], v)  # [b, kv_head, repeat, q, d]
         if shared is not None:

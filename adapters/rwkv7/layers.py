@@ -27,6 +27,7 @@ from writesae_lens.hooking.write_mixer import run_hook_keeping_shape
 from writesae_lens.ops.gated_delta import at_positions
 
 from .config import DECAY_FLOOR, HookedRWKV7Config
+from writesae_lens.ops.precision import upcast
 
 
 class LayerNorm(nn.Module):
@@ -45,12 +46,12 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d]
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
+        x32 = upcast(x)
         centred = x32 - x32.mean(-1, keepdim=True)
         scale = self.hook_scale((centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        out = self.hook_normalized(centred / scale) * self.weight.float()
+        out = self.hook_normalized(centred / scale) * upcast(self.weight)
         if self.bias is not None:
-            out = out + self.bias.float()
+            out = out + upcast(self.bias)
         return out.type_as(x)
 
 
@@ -121,14 +122,18 @@ class RWKV7Mixer(DPLRWriteMixer):
         self.hook_bonus = HookPoint()  # [batch, pos, head, d_v]
         self.hook_gate = HookPoint()  # [batch, pos, head, d_v]
 
+    @property
+    def output_projection(self) -> nn.Linear:
+        return self.o_proj
+
     def forward(self, x: Tensor, layer_cache: dict | None) -> Tensor:
         cfg = self.cfg
         batch, n_pos, _ = x.shape
-        heads = lambda t, d: t.reshape(batch, n_pos, cfg.n_heads, d).float()  # noqa: E731
+        heads = lambda t, d: upcast(t.reshape(batch, n_pos, cfg.n_heads, d))  # noqa: E731
         delta = token_shift(x, layer_cache, "shift_mixer")
         xr, xw, xk, xv, xa, xg = (x + delta * p for p in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
         r = heads(self.r_proj(xr), cfg.d_k)
-        w = heads(-DECAY_FLOOR * torch.sigmoid(self.w_lora(xw).float()), cfg.d_k)
+        w = heads(-DECAY_FLOOR * torch.sigmoid(upcast(self.w_lora(xw))), cfg.d_k)
         k = heads(self.k_proj(xk), cfg.d_k)
         v = heads(self.v_proj(xv), cfg.d_v)
         if self.layer == 0:
@@ -140,9 +145,9 @@ class RWKV7Mixer(DPLRWriteMixer):
             v = torch.lerp(v, self.v_first.value, heads(torch.sigmoid(self.v_lora(xv)), cfg.d_v))
         a = heads(torch.sigmoid(self.a_lora(xa)), cfg.d_k)
         g = heads(self.g_lora(xg), cfg.d_v)
-        kk = F.normalize(k * self.k_k.float().reshape(cfg.n_heads, cfg.d_k), dim=-1)
-        k = k * (1 + (a - 1) * self.k_a.float().reshape(cfg.n_heads, cfg.d_k))
-        bonus = (r * k * self.r_k.float()).sum(-1, keepdim=True) * v  # before the write hooks, which may edit in place
+        kk = F.normalize(k * upcast(self.k_k).reshape(cfg.n_heads, cfg.d_k), dim=-1)
+        k = k * (1 + (a - 1) * upcast(self.k_a).reshape(cfg.n_heads, cfg.d_k))
+        bonus = (r * k * upcast(self.r_k)).sum(-1, keepdim=True) * v  # before the write hooks, which may edit in place
         ones = torch.ones(batch, n_pos, cfg.n_heads, device=x.device)
 
         if self.layer == 0 and self.hook_write_v.has_hooks():

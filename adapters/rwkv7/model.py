@@ -29,6 +29,7 @@ from writesae_lens.hooking.loading import (
     try_load_tokenizer,
 )
 from writesae_lens.hooking.root import HookedRecurrentLM
+from writesae_lens.ops.precision import upcast
 
 from .config import HookedRWKV7Config, check_model_type
 from .layers import LayerNorm, RWKV7Block, VFirst
@@ -82,7 +83,7 @@ class HookedRWKV7(HookedRecurrentLM):
                 raise ValueError(f"v_first has shape {tuple(v_first.shape)}; expected {expected} [batch, pos, head, d_v]")
         elif v_first is not None:
             raise ValueError("v_first is only taken with start_at_layer > 0 (layer 0 computes it otherwise)")
-        self._v_first.value = None if v_first is None else v_first.float()
+        self._v_first.value = None if v_first is None else upcast(v_first)
         try:
             return super().forward(*args, **kwargs)
         finally:

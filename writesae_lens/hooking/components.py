@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
+from ..ops.precision import upcast
 
 
 class Embed(nn.Module):
@@ -47,10 +48,10 @@ class RMSNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d]
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
+        x32 = upcast(x)
         scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         normalized = self.hook_normalized(x32 / scale)
-        weight = (1.0 + self.w.float()) if self.zero_centred else self.w.float()
+        weight = (1.0 + upcast(self.w)) if self.zero_centred else upcast(self.w)
         return (normalized * weight).type_as(x)
 
 

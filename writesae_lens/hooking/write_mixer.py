@@ -45,6 +45,7 @@ from ..ops.finite import all_finite
 from ..ops.gated_delta import recurrence
 from ..ops.state_edits import StateEdits, propagate_edits, validate_edits
 from .padding import pad_mask
+from ..ops.precision import upcast
 
 WRITE_HOOK_NAMES = (
     "hook_write_k",
@@ -107,13 +108,13 @@ class MatrixWriteMixer(nn.Module):
         # The write k u^T with u = beta v. Where the transition erases along the write key (the delta rule) and the
         # key itself was edited, the write leaves the transition's key: it is removed from the chunked run and
         # re-added as an exact sparse edit.
-        write_value = beta.float()[..., None] * value.float()
+        write_value = upcast(beta)[..., None] * upcast(value)
         key_edits = None
         if self.write_key_in_transition and key is not native_k:
             moved = (key != native_k).any(-1)  # [batch, pos, head]
             if bool(moved.any()):
                 b, p, h = moved.nonzero(as_tuple=True)
-                key_edits = StateEdits.build(b, p, h, key[b, p, h].float()[:, :, None] * write_value[b, p, h][:, None, :])
+                key_edits = StateEdits.build(b, p, h, upcast(key[b, p, h])[:, :, None] * write_value[b, p, h][:, None, :])
                 write_value = write_value.masked_fill(moved[..., None], 0.0)
             key = native_k
 
@@ -145,6 +146,12 @@ class MatrixWriteMixer(nn.Module):
             final = final + final_delta
         reads = _hooked(self.hook_read, reads)
         return reads, final
+
+    @property
+    def output_projection(self) -> nn.Linear:
+        """The linear map from the heads' (normed, gated) reads ``[.., n_heads * d_v]`` to the residual stream; head h
+        feeds its columns ``h * d_v .. (h + 1) * d_v - 1``. Families name it ``out_proj`` unless they override this."""
+        return self.out_proj
 
     has_head_write_factors = False  # whether head_write_factors is implemented
 
@@ -223,7 +230,8 @@ class MatrixWriteMixer(nn.Module):
         edited_in_place = flat._version != version
         if hooked is flat and not edited_in_place:
             return edits  # nobody edited the states
-        hooked = _checked_shape(hooked, flat.shape, "hook_state").reshape(batch, n_pos, n_heads, d_k, d_v).float()
+        hooked = _checked_shape(hooked, flat.shape, "hook_state").reshape(batch, n_pos, n_heads, d_k, d_v)
+        hooked = upcast(hooked)
         if edited_in_place:  # the shown tensor was overwritten: rebuild it
             if correction is None:
                 base_traj = shown = rebuild_base()
@@ -295,4 +303,6 @@ def _sparse_edits(hook: HookPoint, shape5, after_read: bool, device) -> StateEdi
     indices, values = out.indices(), out.values()
     if values.shape[0] == 0:
         return None
+    if not all_finite(values):  # the chunked algebra would spread NaN / inf to positions before the edit
+        raise ValueError(f"a hook on {hook.name} returned non-finite edit matrices (NaN or inf); edits must be finite")
     return StateEdits.build(indices[0], indices[1], indices[2], values, after_read=after_read)

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from .gated_delta import at_positions, initial_state_or_zeros, trajectory_buffer
 from .state_edits import StateEdits, propagate_through
+from .precision import compute_dtype, upcast
 
 DEFAULT_CHUNK_SIZE = 16  # the pairwise decays are [chunk, chunk, d_k] per chunk and head
 
@@ -70,12 +71,12 @@ def dplr_reference(
     """
     batch, n_pos, n_heads, d_k = key.shape
     d_v = write_value.shape[-1]
-    state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device)
+    state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device, compute_dtype(write_value))
     keep = return_trajectory or state_positions is not None
-    reads = torch.zeros(batch, n_pos, n_heads, d_v, device=key.device)
-    trajectory = torch.zeros(batch, n_pos, n_heads, d_k, d_v, device=key.device) if keep else None
+    reads = torch.zeros(batch, n_pos, n_heads, d_v, device=key.device, dtype=compute_dtype(write_value))
+    trajectory = torch.zeros(batch, n_pos, n_heads, d_k, d_v, device=key.device, dtype=compute_dtype(write_value)) if keep else None
     for t in range(n_pos):
-        q_t, k_t, u_t, w_t, a_t, b_t = (x[:, t].float() for x in (query, key, write_value, log_decay, erase_a, erase_b))
+        q_t, k_t, u_t, w_t, a_t, b_t = (upcast(x[:, t]) for x in (query, key, write_value, log_decay, erase_a, erase_b))
         recalled = torch.einsum("bhkv,bhk->bhv", state, b_t)  # x_t = S_{t-1}^T eb_t
         state = state * w_t.exp()[..., None] - a_t[..., :, None] * recalled[..., None, :]  # transition
         state = state + k_t[..., :, None] * u_t[..., None, :]  # write
@@ -123,7 +124,7 @@ def dplr_chunked(
     """
     batch, n_pos, n_heads, d_k = key.shape
     d_v = write_value.shape[-1]
-    state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device)
+    state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device, compute_dtype(write_value))
     if n_pos == 0:
         return dplr_reference(query, key, write_value, log_decay, erase_a, erase_b, state, return_trajectory,
                               state_positions)
@@ -132,7 +133,7 @@ def dplr_chunked(
 
     def chunked(x: Tensor) -> Tensor:
         # [batch, pos, head, d] -> [batch, head, chunk, chunk_pos, d], fp32, zero-padded at the end
-        x = F.pad(x.float().transpose(1, 2), (0, 0, 0, pad))
+        x = F.pad(upcast(x).transpose(1, 2), (0, 0, 0, pad))
         return x.reshape(batch, n_heads, n_chunks, chunk_size, x.shape[-1])
 
     q, k, u, w, ea, eb = (chunked(x) for x in (query, key, write_value, log_decay, erase_a, erase_b))
@@ -155,7 +156,7 @@ def dplr_chunked(
     k_end, ea_end = k * to_end, ea * to_end
     chunk_decay = cum[..., -1, :].exp()[..., None]  # [b, h, n, d_k, 1]
 
-    reads = torch.empty(batch, n_heads, n_chunks, chunk_size, d_v, device=key.device)
+    reads = torch.empty(batch, n_heads, n_chunks, chunk_size, d_v, device=key.device, dtype=compute_dtype(write_value))
     keep = return_trajectory or state_positions is not None
     recalled_all = torch.empty_like(reads) if keep else None
     start_states = []
@@ -248,8 +249,8 @@ def dplr_transition_step(
     erase_b: Float[Tensor, "batch head d_k"],
 ) -> Float[Tensor, "batch head d_k d_v"]:
     """One transition with no write: ``(diag(exp(w)) - ea eb^T) S``."""
-    recalled = torch.einsum("bhkv,bhk->bhv", state, erase_b.float())
-    return state * log_decay.float().exp()[..., None] - erase_a.float()[..., :, None] * recalled[..., None, :]
+    recalled = torch.einsum("bhkv,bhk->bhv", state, upcast(erase_b))
+    return state * upcast(log_decay).exp()[..., None] - upcast(erase_a)[..., :, None] * recalled[..., None, :]
 
 
 def propagate_dplr_edits(

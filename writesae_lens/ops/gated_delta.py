@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+from .precision import compute_dtype, upcast
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -58,21 +59,21 @@ def recurrence_reference(
         return reads, state, at_positions(trajectory, state_positions)
     batch, n_pos, n_heads, d_k = key.shape
     d_v = write_value.shape[-1]
-    state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device)
+    state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device, compute_dtype(write_value))
     reads, trajectory = [], []
     for t in range(n_pos):
-        q_t, k_t, u_t = (x[:, t].float() for x in (query, key, write_value))  # [batch, head, d]
-        state = state * log_decay[:, t].float().exp()[..., None, None]
+        q_t, k_t, u_t = (upcast(x[:, t]) for x in (query, key, write_value))  # [batch, head, d]
+        state = state * upcast(log_decay[:, t]).exp()[..., None, None]
         if erase_strength is not None:
             remembered = torch.einsum("bhkv,bhk->bhv", state, k_t)  # S^T k: what the state recalls for k
-            u_t = u_t - erase_strength[:, t].float()[..., None] * remembered
+            u_t = u_t - upcast(erase_strength[:, t])[..., None] * remembered
         state = state + k_t[..., :, None] * u_t[..., None, :]
         reads.append(torch.einsum("bhkv,bhk->bhv", state, q_t))
         if return_trajectory:
             trajectory.append(state)
     if n_pos == 0:
-        empty_reads = write_value.new_zeros(batch, 0, n_heads, d_v, dtype=torch.float32)
-        empty_traj = write_value.new_zeros(batch, 0, n_heads, d_k, d_v, dtype=torch.float32)
+        empty_reads = write_value.new_zeros(batch, 0, n_heads, d_v, dtype=compute_dtype(write_value))
+        empty_traj = write_value.new_zeros(batch, 0, n_heads, d_k, d_v, dtype=compute_dtype(write_value))
         return empty_reads, state, (empty_traj if return_trajectory else None)
     traj = torch.stack(trajectory, dim=1) if return_trajectory else None
     return torch.stack(reads, dim=1), state, traj
@@ -109,7 +110,7 @@ def recurrence_chunked(
     """
     batch, n_pos, n_heads, d_k = key.shape
     d_v = write_value.shape[-1]
-    state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device)
+    state = initial_state_or_zeros(initial_state, batch, n_heads, d_k, d_v, key.device, compute_dtype(write_value))
     if n_pos == 0:
         return recurrence_reference(query, key, write_value, log_decay, erase_strength, state, return_trajectory,
                                     state_positions)
@@ -119,7 +120,7 @@ def recurrence_chunked(
 
     def chunked(x: Tensor) -> Tensor:
         # [batch, pos, head, *rest] -> [batch, head, chunk, chunk_pos, *rest], fp32, zero-padded at the end
-        x = x.float().transpose(1, 2).contiguous()  # solves and matmuls are much faster on contiguous operands
+        x = upcast(x).transpose(1, 2).contiguous()  # solves and matmuls are much faster on contiguous operands
         if pad:
             x = F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))
         return x.reshape(batch, n_heads, n_chunks, chunk_size, *x.shape[3:])
@@ -148,7 +149,7 @@ def recurrence_chunked(
     k_to_end = k * decay_to_end[..., None]
     chunk_decay = decay_from_start[..., -1, None, None]  # [b, h, n, 1, 1]
 
-    reads = torch.empty(batch, n_heads, n_chunks, chunk_size, d_v, device=key.device)
+    reads = torch.empty(batch, n_heads, n_chunks, chunk_size, d_v, device=key.device, dtype=compute_dtype(write_value))
     keep = return_trajectory or state_positions is not None
     deltas = torch.empty_like(reads) if keep else None
     start_states = []
@@ -284,10 +285,11 @@ def recurrence(
     )
 
 
-def initial_state_or_zeros(initial_state: Tensor | None, batch: int, n_heads: int, d_k: int, d_v: int, device) -> Tensor:
+def initial_state_or_zeros(initial_state: Tensor | None, batch: int, n_heads: int, d_k: int, d_v: int, device,
+                           dtype: torch.dtype = torch.float32) -> Tensor:
     if initial_state is None:
-        return torch.zeros(batch, n_heads, d_k, d_v, device=device)
+        return torch.zeros(batch, n_heads, d_k, d_v, device=device, dtype=dtype)
     expected = (batch, n_heads, d_k, d_v)
     if tuple(initial_state.shape) != expected:
         raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}; expected {expected} [batch, head, d_k, d_v]")
-    return initial_state.float()
+    return upcast(initial_state)

@@ -28,6 +28,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .gated_delta import recurrence
+from .precision import compute_dtype, upcast
 
 
 @dataclass
@@ -47,7 +48,7 @@ class StateEdits:
     def build(batch, pos, head, matrix, *, assign: bool = False, after_read: bool = False) -> "StateEdits":
         n = matrix.shape[0]
         flag = lambda value: torch.full((n,), value, dtype=torch.bool, device=matrix.device)  # noqa: E731
-        return StateEdits(batch.long(), pos.long(), head.long(), matrix.float(), flag(assign), flag(after_read))
+        return StateEdits(batch.long(), pos.long(), head.long(), upcast(matrix), flag(assign), flag(after_read))
 
     @staticmethod
     def concat(*parts: "StateEdits | None") -> "StateEdits | None":
@@ -67,10 +68,10 @@ def transition_step(
     erase_strength: Float[Tensor, "batch head"] | None,
 ) -> Float[Tensor, "batch head d_k d_v"]:
     """One transition with no write: ``a (I - e k k^T) S``."""
-    state = state * log_decay.float().exp()[..., None, None]
+    state = state * upcast(log_decay).exp()[..., None, None]
     if erase_strength is not None:
-        remembered = torch.einsum("bhkv,bhk->bhv", state, key.float())
-        state = state - erase_strength.float()[..., None, None] * key.float()[..., :, None] * remembered[..., None, :]
+        remembered = torch.einsum("bhkv,bhk->bhv", state, upcast(key))
+        state = state - upcast(erase_strength)[..., None, None] * upcast(key)[..., :, None] * remembered[..., None, :]
     return state
 
 
@@ -115,28 +116,29 @@ def propagate_through(
     batch, n_pos, n_heads, d_k = query.shape
     d_v = edits.matrix.shape[-1]
     device = query.device
-    read_delta = torch.zeros(batch, n_pos, n_heads, d_v, device=device)
-    final_delta = torch.zeros(batch, n_heads, d_k, d_v, device=device)
-    traj_delta = torch.zeros(batch, n_pos, n_heads, d_k, d_v, device=device) if return_trajectory else None
+    dtype = compute_dtype(query)
+    read_delta = torch.zeros(batch, n_pos, n_heads, d_v, device=device, dtype=dtype)
+    final_delta = torch.zeros(batch, n_heads, d_k, d_v, device=device, dtype=dtype)
+    traj_delta = torch.zeros(batch, n_pos, n_heads, d_k, d_v, device=device, dtype=dtype) if return_trajectory else None
     if len(edits) == 0:
         return read_delta, final_delta, traj_delta
 
     rows = torch.unique(edits.batch)  # only the rows with edits are propagated
     local_row = torch.full((batch,), -1, dtype=torch.long, device=device)
     local_row[rows] = torch.arange(len(rows), device=device)
-    q = query[rows].float()
-    factors = tuple(f[rows].float() if f is not None else None for f in transition)
+    q = upcast(query[rows])
+    factors = tuple(upcast(f[rows]) if f is not None else None for f in transition)
     at = lambda index: tuple(f[:, index] if f is not None else None for f in factors)  # noqa: E731
-    correction = torch.zeros(len(rows), n_heads, d_k, d_v, device=device)
-    reads = torch.zeros(len(rows), n_pos, n_heads, d_v, device=device)
-    traj = torch.zeros(len(rows), n_pos, n_heads, d_k, d_v, device=device) if return_trajectory else None
+    correction = torch.zeros(len(rows), n_heads, d_k, d_v, device=device, dtype=dtype)
+    reads = torch.zeros(len(rows), n_pos, n_heads, d_v, device=device, dtype=dtype)
+    traj = torch.zeros(len(rows), n_pos, n_heads, d_k, d_v, device=device, dtype=dtype) if return_trajectory else None
 
     def run_gap(start: int, stop: int, state: Tensor) -> Tensor:
         """Propagate the correction through positions [start, stop) with no writes; record its reads."""
         if stop <= start:
             return state
         sl = slice(start, stop)
-        zeros = torch.zeros(len(rows), stop - start, n_heads, d_v, device=device)
+        zeros = torch.zeros(len(rows), stop - start, n_heads, d_v, device=device, dtype=dtype)
         gap_reads, state, gap_traj = free_run(q[:, sl], at(sl), zeros, state, return_trajectory)
         reads[:, sl] = gap_reads
         if traj is not None:
