@@ -8,6 +8,7 @@ stream the family carries past it, e.g. RWKV-7's v-first) and the head's native 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..interventions import mixer_hook
 from ..ops.finite import all_finite
+from ..sae_match import check_sae_metadata, check_sae_shape
 
 
 @dataclass
@@ -46,27 +48,18 @@ class FiringScan:
         return self.feature[lo:hi], self.code[lo:hi]
 
 
-def check_cell(model, sae, layer: int, head: int) -> None:
-    """Clear errors when the layer is not recurrent, the head is out of range, or the SAE belongs elsewhere."""
+def check_cell(model, sae, layer: int, head: int, *, ignore_sae_metadata: bool = False) -> None:
+    """Clear errors when the layer is not recurrent, the head is out of range, or the SAE belongs elsewhere: its
+    state shape (d_k, d_v) must be the model's, and the model, hook and head its metadata records (where it records
+    them) must be these, unless ``ignore_sae_metadata`` (for an SAE known to transfer; ``sae_match``)."""
     recurrent = [i for i, block in enumerate(model.blocks) if hasattr(block, "mixer")]
-    if layer not in recurrent:
-        raise ValueError(f"layer {layer} is not a recurrent layer of this model; recurrent layers: {recurrent}")
+    if not isinstance(layer, numbers.Integral) or layer not in recurrent:
+        raise ValueError(f"layer {layer!r} is not a recurrent layer of this model; recurrent layers: {recurrent}")
     n_heads = model.cfg.n_heads
-    if not 0 <= head < n_heads:
-        raise ValueError(f"head {head} is out of range; this model's recurrent layers have heads 0..{n_heads - 1}")
-    cfg = sae.cfg
-    d_k, d_v = model.cfg.d_k, model.cfg.d_v
-    if (getattr(cfg, "d_k", None), getattr(cfg, "d_v", None)) != (d_k, d_v):
-        raise ValueError(f"the SAE's state shape (d_k, d_v) = ({getattr(cfg, 'd_k', None)}, "
-                         f"{getattr(cfg, 'd_v', None)}) does not match the model's ({d_k}, {d_v})")
-    metadata = getattr(cfg, "metadata", None)
-    hook_name = getattr(metadata, "hook_name", None)
-    expected = mixer_hook(layer, "hook_state")
-    if hook_name not in (None, expected):
-        raise ValueError(f"the SAE was trained on {hook_name!r}, not on {expected!r}")
-    head_index = getattr(metadata, "hook_head_index", None)
-    if head_index is not None and head_index != head:
-        raise ValueError(f"the SAE was trained on head {head_index}, not on head {head}")
+    if not isinstance(head, numbers.Integral) or not 0 <= head < n_heads:
+        raise ValueError(f"head {head!r} is out of range; this model's recurrent layers have heads 0..{n_heads - 1}")
+    check_sae_shape(sae, model.cfg.d_k, model.cfg.d_v, where=f"model {model.cfg.model_name!r}")
+    check_sae_metadata(sae, model_name=model.cfg.model_name, layer=layer, heads=[head], ignore=ignore_sae_metadata)
 
 
 class _Stop(Exception):
@@ -118,17 +111,19 @@ def head_states(model, tokens: Tensor, layer: int, head: int) -> tuple[Tensor, d
     k, v, beta = head_of["write_k"], head_of["write_v"], head_of["write_beta"]
     transition = mixer._transition(k, beta, head_of["decay"], {n: head_of[n] for n in extras})
     _, _, trajectory = mixer._recurrence(k, k, beta[..., None] * v, transition, None, return_trajectory=True)
-    factors = {"k": k[:, :, 0], "v": v[:, :, 0], "beta": beta[:, :, 0]}
+    # "decay": the log decay g_t, [b, p] (or per key channel, [b, p, d_k]): the delta form of the write needs it
+    factors = {"k": k[:, :, 0], "v": v[:, :, 0], "beta": beta[:, :, 0], "decay": head_of["decay"][:, :, 0].float()}
     factors.update({stream: cache[name] for stream, name in streams.items()})
     return trajectory[:, :, 0].flatten(-2), factors
 
 
 @torch.no_grad()
 def scan_firings(model, sae, layer: int, head: int, tokens: Tensor, batch_size: int = 8,
-                 progress: bool = True, keep_inputs: bool = False) -> FiringScan:
+                 progress: bool = True, keep_inputs: bool = False, ignore_sae_metadata: bool = False) -> FiringScan:
     """Encode every position's state of (layer, head) and keep the active features (code > 0); with
-    ``keep_inputs``, also ``passage_inputs`` of every passage that has a firing (on the model's device)."""
-    check_cell(model, sae, layer, head)
+    ``keep_inputs``, also ``passage_inputs`` of every passage that has a firing (on the model's device).
+    ``ignore_sae_metadata``: see ``check_cell``."""
+    check_cell(model, sae, layer, head, ignore_sae_metadata=ignore_sae_metadata)
     n_passages, n_pos = tokens.shape
     scan = FiringScan(layer, head, n_passages, n_pos)
     alive = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)

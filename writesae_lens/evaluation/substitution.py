@@ -58,9 +58,11 @@ def replacement_test(
     timing: Literal["after_read", "write"] = "after_read",
     kl_at: Literal["next", "end"] = "next",
     random_control: Literal["atom", "gaussian"] = "atom",
+    substitute=None,
     batch_size: int = 192,
     passage_batch_size: int = 8,
     progress: bool = True,
+    ignore_sae_metadata: bool = False,
 ) -> pd.DataFrame:
     """Run the substitution protocol on the passages ``tokens``; one record per selected firing.
 
@@ -71,6 +73,13 @@ def replacement_test(
     one forward pass of the scan and of the native passes (with their cache snapshots), and so the memory. The
     records table has the columns of ``writesae_lens.evaluation.records`` (``kl_*`` = KL(p_native || p_condition),
     ``kl_*_rev`` the other direction); save it with ``records.save_records``.
+
+    ``substitute``: another source of the atom condition's matrices (the flat+SVD baseline, ``baselines.py``):
+    ``substitute(passage, positions, active, native_norms) -> [m, d_k, d_v]`` with ``active[i]`` the (features,
+    codes) at ``positions[i]``; the random control then takes those matrices' norms. None: ``c * A_{i*}``.
+
+    The SAE must encode this model's state shape, and the model, hook and head its metadata records must be these;
+    ``ignore_sae_metadata=True`` accepts an SAE of another model, layer or head of the same shape (``check_cell``).
     """
     if amplitude not in ("natural", "native_norm"):
         raise ValueError(f"amplitude must be 'natural' or 'native_norm', got {amplitude!r}")
@@ -79,9 +88,13 @@ def replacement_test(
     for name, value in (("batch_size", batch_size), ("passage_batch_size", passage_batch_size)):
         if not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("max_firings_per_feature", max_firings_per_feature), ("max_firings", max_firings)):
+        if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None (no cap), got {value!r}")
     tokens = as_passages(model, tokens)  # [n_passages, n_pos]
     check_run_options(timing, kl_at)
-    scan = scan_firings(model, sae, layer, head, tokens, passage_batch_size, progress, keep_inputs=True)
+    scan = scan_firings(model, sae, layer, head, tokens, passage_batch_size, progress, keep_inputs=True,
+                        ignore_sae_metadata=ignore_sae_metadata)  # the SAE must belong to this model, hook and head
     last = tokens.shape[1] - 1
     excluded = {last} if timing == "after_read" else set()  # an edit after the last read changes no output
     chosen = select_firings(scan, max_firings_per_feature, max_firings, seed, excluded)
@@ -123,6 +136,10 @@ def replacement_test(
             scales = native_norm / atom_norms[chosen_atoms].clamp_min(1e-30)
         atom_writes = scales.to(device)[:, None, None] * atoms[chosen_atoms.to(device)]  # [m, d_k, d_v]
         random_norms = scales.abs() * atom_norms[chosen_atoms]  # the atom condition's norms
+        if substitute is not None:  # another source of the atom condition's matrices (baselines.py)
+            atom_writes = substitute(p, positions, [scan.active_at(p, t) for t in positions], native_norm)
+            atom_writes = atom_writes.to(device, torch.float32)
+            random_norms = atom_writes.flatten(1).norm(dim=-1).cpu()
         # draws seeded per passage: the records do not depend on batch_size
         generator = torch.Generator().manual_seed(seed * 1_000_003 + p)
         if random_control == "atom":

@@ -1,0 +1,119 @@
+"""The reconstruction-in-the-cache sweep (paper-method §8.3) against the straightforward protocol, same model, same
+conditions, same losses.
+
+    python bench/bench_reconstruction.py                      # the shipped qwen35-tiny, 8 passages of 1,024 tokens
+    python bench/bench_reconstruction.py --threads 1 --passages 16
+
+Conditions (the paper's sweep on one cell): the state of one head of layer ``--layer`` replaced by a WriteSAE's
+reconstruction, by a flat SAE's (SAELens' ``TopKSAE``), and by its rank-r truncations (r = 1, 2, 4, 8, 16; 32 is the
+full rank of the shipped model's 32 x 32 states); the native run besides. The SAEs have random weights with the
+decoder bias at the data mean (the timing does not depend on training).
+
+The straightforward protocol (what the authors' scripts do): per passage and per condition, run the prefix with a
+cache (batch 1; logits computed, as a transformers forward does), replace the head's state, run the suffix with its
+loss. ``reconstruction_sweep`` runs the prefix once per passage batch for every condition, and each condition's
+suffix only from the edited layer on, with conditions x passages as rows of one batch. Printed: both times (median of
+paired runs), the ratio (goal >= 10x), and the largest difference of any loss between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from sae_checks import firing_sae  # noqa: E402
+
+from writesae_lens import pipeline  # noqa: E402
+from writesae_lens.evaluation.cache_reconstruction import (  # noqa: E402
+    apply_splice,
+    reconstruction_sweep,
+    standard_conditions,
+)
+from writesae_lens.evaluation.firings import head_states  # noqa: E402
+from writesae_lens.models import load_hooked_model  # noqa: E402
+
+
+def flat_sae(model, tokens, layer: int, head: int, d_sae: int, k: int):
+    """SAELens' own flat TopK SAE with random weights and the decoder bias at the data mean."""
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(1)
+    d_in = model.cfg.d_k * model.cfg.d_v
+    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    states, _ = head_states(model, tokens, layer, head)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae) / d_in**0.5)
+        sae.W_dec.copy_(sae.W_enc.T)
+        sae.b_dec.copy_(states.flatten(0, 1).mean(0))
+    return sae
+
+
+@torch.no_grad()
+def straightforward(model, layer: int, tokens, conditions, prefix_len: int) -> dict[tuple[int, str], float]:
+    """Per passage and condition: prefix rerun at batch 1, splice, suffix loss."""
+    out = {}
+    for p in range(tokens.shape[0]):
+        for name in ["native", *conditions]:
+            cache = model.empty_cache()
+            model(tokens[p : p + 1, :prefix_len], cache=cache)
+            if name != "native":
+                cache.layers[layer]["state"] = apply_splice(cache.layers[layer]["state"], conditions[name])
+            nll = model(tokens[p : p + 1, prefix_len:], cache=cache, return_type="loss", loss_per_token=True)
+            out[(p, name)] = float(nll.double().mean())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen35-tiny")
+    parser.add_argument("--passages", type=int, default=8)
+    parser.add_argument("--pos", type=int, default=1024)
+    parser.add_argument("--layer", type=int, default=1)
+    parser.add_argument("--head", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="paired timed runs of both protocols (medians)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_hooked_model(args.model)
+    tokens = pipeline.token_passages(model, pipeline.load_texts(None), args.passages, args.pos)
+    saes = {"writesae": {args.head: firing_sae(model, tokens, args.layer, args.head, d_sae=256, k=16)},
+            "flat": {args.head: flat_sae(model, tokens, args.layer, args.head, d_sae=256, k=16)}}
+    conditions = standard_conditions(model, [args.head], saes)
+    prefix_len = args.pos // 2
+
+    def fast():
+        return reconstruction_sweep(model, args.layer, tokens, conditions, prefix_len=prefix_len, progress=False)
+
+    def slow():
+        return straightforward(model, args.layer, tokens, conditions, prefix_len)
+
+    fast(), slow()  # warm-up
+    pairs, table, reference = [], None, None
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        table = fast()
+        middle = time.perf_counter()
+        reference = slow()
+        pairs.append((middle - start, time.perf_counter() - middle))
+    fast_s = statistics.median(f for f, _ in pairs)
+    slow_s = statistics.median(s for _, s in pairs)
+    ratio = statistics.median(s / f for f, s in pairs)
+    diff = max(abs(row.nll - reference[(row.passage, row.condition)]) for row in table.itertuples())
+    n_runs = len(reference)
+    print(f"model {args.model}, layer {args.layer} head {args.head}; {args.passages} passages x {args.pos} tokens "
+          f"(prefix {prefix_len}), {len(conditions)} conditions + native = {n_runs} suffix losses; "
+          f"{torch.get_num_threads()} threads")
+    print(f"reconstruction_sweep: {fast_s:.2f} s; straightforward protocol (prefix rerun per condition, batch 1): "
+          f"{slow_s:.2f} s -> ratio {ratio:.1f}x (median of {args.repeats} paired runs; goal >= 10x)")
+    print(f"max |loss difference| between the two over {n_runs} losses: {diff:.2e} nats")
+
+
+if __name__ == "__main__":
+    main()
