@@ -51,10 +51,10 @@ def write_cosines(
     eps: float = 1e-30,
 ) -> Float[Tensor, " n"]:
     """Signed Frobenius cosine of each atom ``sum_r p_r q_r^T`` with the write ``k u^T``, from the factors only:
-    ``sum_r (p_r . k)(q_r . u) / (||A||_F ||k|| ||u||)`` (rank 1: ``cos(p, k) * cos(q, u)``). fp64 inside."""
+    ``sum_r (p_r . k)(q_r . u) / (||A||_F ||k|| ||u||)`` (rank 1: ``cos(p, k) * cos(q, u)``). In fp64."""
     p, q, k, u = (x.double() for x in (key_factors, value_factors, keys, values))
     inner = (torch.einsum("nrk,nk->nr", p, k) * torch.einsum("nrv,nv->nr", q, u)).sum(-1)  # <A, k u^T>_F
-    return (inner / (_atom_norms(p, q) * k.norm(dim=-1) * u.norm(dim=-1)).clamp_min(eps)).float()
+    return inner / (_atom_norms(p, q) * k.norm(dim=-1) * u.norm(dim=-1)).clamp_min(eps)
 
 
 def pairwise_write_cosines(
@@ -68,7 +68,7 @@ def pairwise_write_cosines(
     p, q, k, u = (x.double() for x in (key_factors, value_factors, keys, values))
     inner = (torch.einsum("ark,nk->arn", p, k) * torch.einsum("arv,nv->arn", q, u)).sum(1)  # [atom, n]
     scale = _atom_norms(p, q)[:, None] * (k.norm(dim=-1) * u.norm(dim=-1))[None, :]
-    return (inner / scale.clamp_min(eps)).float()
+    return inner / scale.clamp_min(eps)
 
 
 def _atom_norms(p: Tensor, q: Tensor) -> Tensor:
@@ -178,14 +178,14 @@ def atom_medians(firings: pd.DataFrame, d_sae: int) -> pd.DataFrame:
     return table
 
 
-def classify(medians: np.ndarray, tau: float = REGISTER_THRESHOLD) -> np.ndarray:
+def classify(medians, tau: float = REGISTER_THRESHOLD) -> np.ndarray:
     """``"register"`` where the median cosine is ``>= tau``, ``"bundle"`` below it, ``"null"`` where it is NaN
     (a dead atom)."""
     medians = np.asarray(medians, dtype=np.float64)
     return np.where(np.isnan(medians), "null", np.where(medians >= tau, "register", "bundle"))
 
 
-def threshold_table(medians: np.ndarray, taus=THRESHOLDS) -> pd.DataFrame:
+def threshold_table(medians, taus=THRESHOLDS) -> pd.DataFrame:
     """Registers, bundles and null atoms for each threshold (paper Table 15)."""
     rows = []
     for tau in taus:
@@ -194,7 +194,7 @@ def threshold_table(medians: np.ndarray, taus=THRESHOLDS) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def mixture_fits(values: np.ndarray, components=(1, 2, 3), *, n_init: int = 10, seed: int = 0) -> pd.DataFrame:
+def mixture_fits(values, components=(1, 2, 3), *, n_init: int = 10, seed: int = 0) -> pd.DataFrame:
     """1-D Gaussian mixtures on ``values`` with scikit-learn (``GaussianMixture``, full covariance, ``n_init``
     restarts, ``random_state=seed``): one row per component count with the BIC, the mean log-likelihood per point
     and the fitted weights, means and standard deviations (sorted by mean)."""
@@ -217,7 +217,7 @@ def mixture_fits(values: np.ndarray, components=(1, 2, 3), *, n_init: int = 10, 
     return pd.DataFrame(rows)
 
 
-def bimodality_coefficient(values: np.ndarray) -> float:
+def bimodality_coefficient(values) -> float:
     """Sarle's bimodality coefficient ``(g^2 + 1) / (kappa + 3 (n-1)^2 / ((n-2)(n-3)))`` with the bias-corrected
     sample skewness g and excess kurtosis kappa (scipy); above 5/9 suggests bimodality. Needs n >= 4."""
     from scipy import stats
