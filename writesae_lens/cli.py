@@ -12,12 +12,18 @@ succeeded. Heavy libraries are imported after the arguments are parsed, so ``--h
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
 
 from .commands import command_modules
 from .commands.common import cell_arguments as _cell_arguments
+from .commands.common import ignore_metadata_argument as _ignore_metadata_argument
+from .commands.common import int_at_least as _int_at_least
+from .commands.common import non_negative_int as _non_negative_int
+from .commands.common import positive_float as _positive_float
+from .commands.common import positive_int as _positive_int
 from .commands.common import model_arguments as _model_arguments
 from .commands.common import output_arguments as _output_arguments
 from .commands.common import torch_dtype as _dtype
@@ -49,13 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "blocks.LAYER.mixer.hook_state, head HEAD, and save it (SAE.load_from_disk reads it).")
     _model_arguments(train)
     _cell_arguments(train)
-    train.add_argument("--d-sae", type=int, default=2048, help="dictionary size (default: %(default)s, the paper's)")
-    train.add_argument("--k", type=int, default=32, help="active atoms per state (default: %(default)s)")
-    train.add_argument("--context-size", type=int, default=1024, help="tokens per context (default: %(default)s)")
-    train.add_argument("--training-tokens", type=int, default=2_000_000, help="tokens of states to train on")
-    train.add_argument("--batch-tokens", type=int, default=4096, help="states per training batch")
-    train.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, cosine to lr/10 (default: %(default)s)")
-    train.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
+    train.add_argument("--d-sae", type=_positive_int, default=2048,
+                       help="dictionary size (default: %(default)s, the paper's)")
+    train.add_argument("--k", type=_positive_int, default=32, help="active atoms per state (default: %(default)s)")
+    train.add_argument("--context-size", type=_positive_int, default=1024,
+                       help="tokens per context (default: %(default)s)")
+    train.add_argument("--training-tokens", type=_positive_int, default=2_000_000,
+                       help="tokens of states to train on (at least one batch)")
+    train.add_argument("--batch-tokens", type=_positive_int, default=4096,
+                       help="states per training batch (at most 16 contexts' worth: SAELens' buffer)")
+    train.add_argument("--lr", type=_positive_float, default=3e-4,
+                       help="peak learning rate, cosine to lr/10 (default: %(default)s)")
+    train.add_argument("--warmup-steps", type=_non_negative_int, default=50,
+                       help="linear warm-up steps (default: %(default)s)")
     train.add_argument("--final-token-only", action="store_true",
                        help="train only on the state after each context's last token (the paper's code)")
     train.add_argument("--seed", type=int, default=42)
@@ -68,19 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(subst)
     _cell_arguments(subst)
     subst.add_argument("--sae", type=Path, required=True, help="folder of a saved WriteSAE (SAE.load_from_disk)")
-    subst.add_argument("--passages", type=int, default=200, help="evaluation passages (default: %(default)s)")
-    subst.add_argument("--passage-len", type=int, default=512, help="tokens per passage (default: %(default)s)")
-    subst.add_argument("--max-firings-per-feature", type=int, default=300, help="cap per feature (default: %(default)s)")
-    subst.add_argument("--max-firings", type=int, default=None, help="cap on all firings (default: none)")
+    _ignore_metadata_argument(subst)
+    subst.add_argument("--passages", type=_positive_int, default=200, help="evaluation passages (default: %(default)s)")
+    subst.add_argument("--passage-len", type=_int_at_least(2, "an integer >= 2 (an edit needs a later position)"),
+                       default=512, help="tokens per passage (default: %(default)s)")
+    subst.add_argument("--max-firings-per-feature", type=_positive_int, default=300,
+                       help="cap per feature (default: %(default)s)")
+    subst.add_argument("--max-firings", type=_positive_int, default=None, help="cap on all firings (default: none)")
     subst.add_argument("--amplitude", choices=["natural", "native_norm"], default="natural",
                        help="atom at its SAE coefficient, or rescaled to the native write's norm")
     subst.add_argument("--timing", choices=["after_read", "write"], default="after_read",
                        help="edit the cache after position t is read (the paper's), or the write itself")
     subst.add_argument("--kl-at", choices=["next", "end"], default="next",
                        help="read the KL at the first output the edit can change, or at the passage end")
-    subst.add_argument("--batch-size", type=int, default=192,
+    subst.add_argument("--batch-size", type=_positive_int, default=192,
                        help="rows (firings x 3 conditions) per batch; lower it to use less memory (default: %(default)s)")
-    subst.add_argument("--passage-batch-size", type=int, default=8,
+    subst.add_argument("--passage-batch-size", type=_positive_int, default=8,
                        help="passages per forward pass of the scan and the native passes (they hold the cache "
                        "snapshots); lower it to use less memory (default: %(default)s)")
     subst.add_argument("--seed", type=int, default=2026)
@@ -93,14 +108,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input is one line on stderr and exit code 2; Ctrl-C (or SIGTERM) ends the run with exit
+    code 130 and leaves ``--out`` as it was (results are staged: ``outputs.staged_output``)."""
     args = build_parser().parse_args(argv)
     runners = {"demo": run_demo, "train": run_train, "substitution": run_substitution}
     runners.update({module.NAME: module.run for module in command_modules()})
     try:
-        return runners[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
-        print(f"writesae {args.command}: error: {error}", file=sys.stderr)
+        with _sigterm_as_interrupt():
+            return runners[args.command](args)
+    except (ValueError, TypeError, OSError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"writesae {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        where = f"; {out} was left as it was" if out is not None else ""
+        print(f"writesae {args.command}: interrupted{where}", file=sys.stderr)
+        return 130
+
+
+class _sigterm_as_interrupt:
+    """Within the block, SIGTERM raises KeyboardInterrupt (as Ctrl-C does), so staged results are cleaned up."""
+
+    def __enter__(self):
+        self.previous = None
+        if _in_main_thread():
+            self.previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def run_demo(args) -> int:
@@ -143,18 +192,20 @@ def _demo(args, out: Path) -> tuple[str, float]:
 
 def run_train(args) -> int:
     from . import pipeline
+    from .commands.common import input_paths
     from .models import load_hooked_model
     from .outputs import check_output_folder, staged_output
 
     check_output_folder(args.out, args.overwrite)
-    model = load_hooked_model(args.model, device=args.device, dtype=_dtype(args.dtype))
     settings = pipeline.TrainSettings(
         layer=args.layer, head=args.head, d_sae=args.d_sae, k=args.k, context_size=args.context_size,
         training_tokens=args.training_tokens, batch_tokens=args.batch_tokens, lr=args.lr,
         warmup_steps=args.warmup_steps, final_token_only=args.final_token_only, seed=args.seed,
     )
+    pipeline.check_train_settings(settings)  # before the model is loaded
+    model = load_hooked_model(args.model, device=args.device, dtype=_dtype(args.dtype))
     train_docs, _ = pipeline.split_documents(pipeline.load_texts(args.text))
-    with staged_output(args.out, args.overwrite) as out:
+    with staged_output(args.out, args.overwrite, inputs=input_paths(args)) as out:
         pipeline.train_state_sae(model, train_docs, settings, out / "sae", device=args.device)
         pipeline.save_settings(out, model=args.model, text=args.text, train=settings)
     print(f"saved the WriteSAE in {args.out / 'sae'}")
@@ -163,19 +214,19 @@ def run_train(args) -> int:
 
 def run_substitution(args) -> int:
     from . import pipeline
-    from .commands.common import heldout_passages, load_model, load_sae
+    from .commands.common import heldout_passages, input_paths, load_model, load_sae
     from .outputs import check_output_folder, staged_output
 
     check_output_folder(args.out, args.overwrite)
     model = load_model(args)
     sae = load_sae(args.sae, args.device)
     passages = heldout_passages(model, args, args.passages, args.passage_len)
-    with staged_output(args.out, args.overwrite) as out:
+    with staged_output(args.out, args.overwrite, inputs=input_paths(args)) as out:
         _, _, text = pipeline.run_substitution(
             model, sae, args.layer, args.head, passages, out, seed=args.seed,
             max_firings_per_feature=args.max_firings_per_feature, max_firings=args.max_firings,
             amplitude=args.amplitude, timing=args.timing, kl_at=args.kl_at, batch_size=args.batch_size,
-            passage_batch_size=args.passage_batch_size,
+            passage_batch_size=args.passage_batch_size, ignore_sae_metadata=args.ignore_sae_metadata,
         )
         pipeline.save_settings(out, **{k: v for k, v in vars(args).items() if k != "command"})
     print(text)

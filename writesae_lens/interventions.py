@@ -22,6 +22,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .hooking.hook_checks import checked_against_model
+from .sae_match import check_sae_metadata, check_sae_shape
+
 Timing = Literal["after_read", "write"]
 Hooks = list[tuple[str, Callable]]
 TIMING_HOOKS = {"after_read": "hook_post_read_add", "write": "hook_write_add"}
@@ -136,19 +139,26 @@ def substitute_write(layer: int, cells, matrices, amplitude: Literal["given", "n
 
 
 def substitute_atom(layer: int, cells, sae, atoms, coefficients=None,
-                    amplitude: Literal["natural", "native_norm"] = "natural", timing: Timing = "after_read") -> Hooks:
+                    amplitude: Literal["natural", "native_norm"] = "natural", timing: Timing = "after_read", *,
+                    ignore_sae_metadata: bool = False) -> Hooks:
     """Write SAE atom ``atoms[i]`` in place of the native write at cell i: at its natural coefficient
-    (``coefficients[i]``, the SAE's code there) or rescaled to the native write's Frobenius norm."""
+    (``coefficients[i]``, the SAE's code there) or rescaled to the native write's Frobenius norm.
+
+    The SAE must belong here: its metadata's hook and head are checked now, its state shape and model when the hooks
+    are attached to a model; ``ignore_sae_metadata=True`` accepts another model, layer or head (``sae_match``)."""
     cells = as_cells(cells)
+    check_sae_metadata(sae, layer=layer, heads=cells[:, 2].unique().tolist(), ignore=ignore_sae_metadata)
     matrices = atom_matrices(sae, atoms, len(cells))
     if amplitude == "natural":
         if coefficients is None:
             raise ValueError("amplitude='natural' needs the coefficients (the SAE code of each atom at its cell)")
         matrices = matrices * _per_cell(coefficients, len(cells), (), "coefficients")[:, None, None]
-        return substitute_write(layer, cells, matrices, "given", timing)
-    if amplitude == "native_norm":
-        return substitute_write(layer, cells, matrices, "native_norm", timing)
-    raise ValueError(f"amplitude must be 'natural' or 'native_norm', got {amplitude!r}")
+        hooks = substitute_write(layer, cells, matrices, "given", timing)
+    elif amplitude == "native_norm":
+        hooks = substitute_write(layer, cells, matrices, "native_norm", timing)
+    else:
+        raise ValueError(f"amplitude must be 'natural' or 'native_norm', got {amplitude!r}")
+    return _checked_sae_hooks(hooks, sae, ignore_sae_metadata)
 
 
 def gaussian_rank1(d_k: int, d_v: int, norms, generator: torch.Generator | None = None) -> Tensor:
@@ -183,13 +193,18 @@ def add_direction(layer: int, cells, key, value, relative_magnitude: float = 1.0
     return replace_write(layer, cells, build, timing)
 
 
-def amplify_features(layer: int, head: int, sae, offsets: dict[int, float], timing: Timing = "write") -> Hooks:
+def amplify_features(layer: int, head: int, sae, offsets: dict[int, float], timing: Timing = "write", *,
+                     ignore_sae_metadata: bool = False) -> Hooks:
     """Add ``sum_i offsets[i] * atom_i`` to the state of ``head`` at every position of every row (feature
-    amplification; stays active while generating, one position per decoding step)."""
+    amplification; stays active while generating, one position per decoding step). The SAE is checked as in
+    ``substitute_atom``; offsets must be finite."""
     if not offsets:
         raise ValueError("offsets is empty: give {feature: coefficient offset}")
+    check_sae_metadata(sae, layer=layer, heads=[head], ignore=ignore_sae_metadata)
     features = torch.tensor(list(offsets), dtype=torch.long)
     weights = torch.tensor(list(offsets.values()), dtype=torch.float32)
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(f"offsets must be finite numbers; got {offsets}")
     matrix = (atom_matrices(sae, features, len(features)) * weights[:, None, None]).sum(0)  # [d_k, d_v]
     name = mixer_hook(layer, _timing_hook(timing))
 
@@ -197,23 +212,30 @@ def amplify_features(layer: int, head: int, sae, offsets: dict[int, float], timi
         batch, n_pos, n_heads = edits.shape[:3]
         if head >= n_heads:
             raise IndexError(f"{name}: head {head} out of range; valid is 0..{n_heads - 1}")
+        check_sae_shape(sae, *edits.shape[3:], where=name)
         b, p = torch.meshgrid(torch.arange(batch), torch.arange(n_pos), indexing="ij")
         index = torch.stack([b.flatten(), p.flatten(), torch.full((batch * n_pos,), head)]).to(edits.device)
         values = matrix.to(edits.device).expand(batch * n_pos, *matrix.shape)
         return edits + torch.sparse_coo_tensor(index, values, edits.shape, check_invariants=False)
 
-    return [(name, add)]
+    return _checked_sae_hooks([(name, add)], sae, ignore_sae_metadata)
 
 
-def erase_atom(layer: int, head: int, sae, atom: int) -> Hooks:
+def erase_atom(layer: int, head: int, sae, atom: int, *, ignore_sae_metadata: bool = False) -> Hooks:
     """Remove atom ``atom``'s contribution ``a_i(t) A_i`` from the state of ``head`` wherever the SAE's code of
-    ``S_t`` has it active; the recurrence continues from the edited states (a ``hook_state`` edit)."""
+    ``S_t`` has it active; the recurrence continues from the edited states (a ``hook_state`` edit). The SAE is
+    checked as in ``substitute_atom``."""
+    check_sae_metadata(sae, layer=layer, heads=[head], ignore=ignore_sae_metadata)
+    atom_matrices(sae, [atom], 1)  # a clear error now for an atom out of range
     name = mixer_hook(layer, "hook_state")
 
     def erase(states: Tensor, hook) -> Tensor:
         n_heads = states.shape[2]
         if head >= n_heads:
             raise IndexError(f"{name}: head {head} out of range; valid is 0..{n_heads - 1}")
+        if getattr(sae.cfg, "d_in", None) != states.shape[3]:
+            raise ValueError(f"{name}: the SAE encodes states of size d_in = {getattr(sae.cfg, 'd_in', None)}, this "
+                             f"model's are d_k x d_v = {states.shape[3]}: it was trained on another model")
         codes = sae.encode(states[:, :, head].to(sae.dtype))  # [batch, pos, d_sae]
         coefficient = codes[..., atom].to(states.dtype)  # [batch, pos]
         flat_atom = atom_matrices(sae, [atom], 1)[0].flatten().to(states)
@@ -221,7 +243,17 @@ def erase_atom(layer: int, head: int, sae, atom: int) -> Hooks:
         out[:, :, head] = states[:, :, head] - coefficient[..., None] * flat_atom
         return out
 
-    return [(name, erase)]
+    return _checked_sae_hooks([(name, erase)], sae, ignore_sae_metadata)
+
+
+def _checked_sae_hooks(hooks: Hooks, sae, ignore_sae_metadata: bool) -> Hooks:
+    """Mark each hook so that attaching it to a model checks the SAE's state shape and model against that model."""
+
+    def check(model) -> None:
+        check_sae_shape(sae, model.cfg.d_k, model.cfg.d_v, where=f"model {model.cfg.model_name!r}")
+        check_sae_metadata(sae, model_name=model.cfg.model_name, ignore=ignore_sae_metadata)
+
+    return [(name, checked_against_model(hook, check)) for name, hook in hooks]
 
 
 def atom_matrices(sae, atoms, n: int) -> Tensor:

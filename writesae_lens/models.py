@@ -28,7 +28,8 @@ def resolve_model_path(name_or_path: str | Path) -> Path | str:
     return name_or_path
 
 
-def load_hooked_model(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32):
+def load_hooked_model(name_or_path: str | Path, device: str | torch.device | None = None,
+                      dtype: torch.dtype | str = torch.float32):
     """The hooked model for a checkpoint, chosen by its ``model_type``; a clear error for unsupported ones."""
     from . import adapters
     from .hooking.loading import resolve_folder

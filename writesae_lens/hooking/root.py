@@ -26,6 +26,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from ..ops.gated_delta import at_positions
 from .cache import RecurrentCache
+from .hook_checks import check_on_attach, keeping_activation_form
 from .padding import left_padding
 from .sampling import sample_next_token
 from .write_mixer import SPARSE_HOOK_NAMES
@@ -48,7 +49,7 @@ class HookedRecurrentLM(HookedRootModule):
         cls,
         name_or_path,
         device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         tokenizer=None,
         load_tokenizer: bool = True,
     ):
@@ -56,8 +57,9 @@ class HookedRecurrentLM(HookedRootModule):
         download is the same). ``device`` defaults to CUDA when available."""
         from transformers import AutoConfig
 
-        from .loading import load_checkpoint_tensors, resolve_folder, try_load_tokenizer
+        from .loading import load_checkpoint_tensors, resolve_device, resolve_dtype, resolve_folder, try_load_tokenizer
 
+        device, dtype = resolve_device(device), resolve_dtype(dtype)  # clear errors for names torch lacks
         folder = resolve_folder(name_or_path)
         cls._check_folder(folder)
         hf_config = AutoConfig.from_pretrained(folder)
@@ -282,6 +284,8 @@ class HookedRecurrentLM(HookedRootModule):
             input = input[None]
         if input.dim() != 2:
             raise ValueError(f"tokens must be [batch, pos] (or [pos]); got shape {tuple(input.shape)}")
+        if input.numel() == 0:
+            raise ValueError(f"the token tensor is empty (shape {tuple(input.shape)}); give at least one row and position")
         if input.numel() and (int(input.min()) < 0 or int(input.max()) >= self.cfg.d_vocab):
             raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}); got min {int(input.min())}, max {int(input.max())}")
         return input.to(device=self.cfg.device, dtype=torch.long)
@@ -354,10 +358,13 @@ class HookedRecurrentLM(HookedRootModule):
     # ------------------------------------------------------------------ hooks
     def _enable_hook(self, name, hook, dir):
         self._check_hook_name(name)
-        return super()._enable_hook(name, hook, dir)
+        check_on_attach(self, hook)  # hooks built from an SAE check it against this model (hook_checks.py)
+        return super()._enable_hook(name, keeping_activation_form(hook) if dir == "fwd" else hook, dir)
 
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
         self._check_hook_name(name)
+        check_on_attach(self, hook)
+        hook = keeping_activation_form(hook) if dir == "fwd" else hook
         return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
     def _check_hook_name(self, name) -> None:

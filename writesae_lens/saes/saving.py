@@ -4,6 +4,10 @@ Files go to a hidden temporary sibling folder first, which is renamed onto the t
 everything is written. SAELens' trainer and runner create the target folder (empty) before
 calling `save_model` / `save_inference_model`, so an existing empty folder is fine; an existing
 non-empty one is refused unless `overwrite=True`.
+
+A process killed while writing (SIGKILL) cannot remove its temporary folder; the folder's name carries the process
+id (`.NAME.writing-PID-*`), and the next save beside the same target removes those whose process is gone. The saved
+folder and its files get the modes the user's umask gives (temporary folders are created private).
 """
 
 import os
@@ -11,6 +15,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from writesae_lens.outputs import apply_umask, remove_stale
 
 
 def _folder_has_contents(folder: Path) -> bool:
@@ -38,9 +44,12 @@ def write_folder_atomically(
             "overwrite=True to replace it, or choose a new or empty folder."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.writing-", dir=target.parent))
+    remove_stale(target.parent, f".{target.name}.writing-")
+    remove_stale(target.parent, f".{target.name}.replaced-")
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.writing-{os.getpid()}-", dir=target.parent))
     try:
         write_into(staging)
+        apply_umask(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -57,7 +66,7 @@ def _move_into_place(staging: Path, target: Path) -> None:
         os.replace(staging, target)
         return
     # Overwriting: park the old folder beside the target until the new one is in place.
-    parked = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
+    parked = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-{os.getpid()}-", dir=target.parent))
     parked.rmdir()
     os.replace(target, parked)
     try:
