@@ -104,6 +104,16 @@ def test_results_get_the_users_umask(tmp_path, umask_022):
         (0o755, 0o644, 0o755, 0o755)
 
 
+def test_records_saved_directly_get_the_users_umask(tmp_path, umask_022):
+    from writesae_lens.evaluation.records import RECORD_COLUMNS, save_records
+
+    import pandas as pd
+
+    row = {column: 0 for column in RECORD_COLUMNS}
+    path = save_records(pd.DataFrame([row]), tmp_path / "records.csv")
+    assert mode(path) == 0o644
+
+
 def test_apply_umask_follows_a_stricter_umask(tmp_path):
     previous = os.umask(0o077)
     try:
@@ -133,7 +143,8 @@ def dead_pid() -> int:
 
 def test_stale_folders_of_dead_processes_are_removed(tmp_path):
     dead, alive = dead_pid(), os.getpid()
-    for name in (f".out.partial-{dead}-abc", f".out.partial-{alive}-abc", ".out.partial-old", f".other.partial-{dead}-x"):
+    names = (f".out.partial-{dead}-abc", f".out.partial-{alive}-abc", ".out.partial-old", f".other.partial-{dead}-x")
+    for name in names:
         (tmp_path / name).mkdir()
     removed = remove_stale(tmp_path, ".out.partial-")
     assert [p.name for p in removed] == [f".out.partial-{dead}-abc"]

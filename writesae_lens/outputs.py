@@ -76,6 +76,10 @@ def apply_umask(root: Path) -> None:
     their executable bits only if they had them)."""
     mask = current_umask()
     root = Path(root)
+    if not root.is_dir():
+        executable = os.stat(root).st_mode & stat.S_IXUSR
+        os.chmod(root, (0o777 if executable else 0o666) & ~mask)
+        return
     os.chmod(root, 0o777 & ~mask)
     for folder, dirs, files in os.walk(root):
         for name in dirs:

@@ -177,7 +177,8 @@ def _train_seeded(model, documents: list[str], settings: TrainSettings, output: 
                                                            d_v=cfg.d_v, k=1)), settings.layer, settings.head)
     contexts_per_batch = max(1, settings.batch_tokens // settings.context_size)
     runner_cfg = LanguageModelSAERunnerConfig(
-        sae=sae_cfg, model_name=canonical_model_name(cfg.model_name), hook_name=f"blocks.{settings.layer}.mixer.hook_state",
+        sae=sae_cfg, model_name=canonical_model_name(cfg.model_name),
+        hook_name=f"blocks.{settings.layer}.mixer.hook_state",
         hook_head_index=settings.head, dataset_path="local-texts", is_dataset_tokenized=False, streaming=False,
         context_size=settings.context_size, prepend_bos=False, training_tokens=settings.training_tokens,
         train_batch_size_tokens=settings.batch_tokens, store_batch_size_prompts=contexts_per_batch,

@@ -41,6 +41,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from ..outputs import apply_umask
+
 CONDITIONS: tuple[str, ...] = ("atom", "delete", "random")
 """The edited conditions of the substitution test, in the order of the paper's strict chain."""
 
@@ -190,6 +192,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], *, overwri
     temporary = Path(temporary_name)
     try:
         write(temporary)
+        apply_umask(temporary)  # mkstemp creates 0600: give the file the user's umask
         if overwrite:
             os.replace(temporary, target)
         else:

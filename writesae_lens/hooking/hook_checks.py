@@ -32,7 +32,7 @@ def check_on_attach(model, hook: Callable) -> None:
 
 
 def keeping_activation_form(hook: Callable) -> Callable:
-    """``hook`` wrapped so that a returned tensor of another shape, dtype or device is an error naming the hook point."""
+    """``hook`` wrapped: a returned tensor of another shape, dtype or device is an error naming the hook point."""
 
     def checked(activation, hook_point):
         out = hook(activation, hook=hook_point)

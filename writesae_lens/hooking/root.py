@@ -285,7 +285,8 @@ class HookedRecurrentLM(HookedRootModule):
         if input.dim() != 2:
             raise ValueError(f"tokens must be [batch, pos] (or [pos]); got shape {tuple(input.shape)}")
         if input.numel() == 0:
-            raise ValueError(f"the token tensor is empty (shape {tuple(input.shape)}); give at least one row and position")
+            raise ValueError(f"the token tensor is empty (shape {tuple(input.shape)}); give at least one row and "
+                             "position")
         if input.numel() and (int(input.min()) < 0 or int(input.max()) >= self.cfg.d_vocab):
             raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}); got min {int(input.min())}, max {int(input.max())}")
         return input.to(device=self.cfg.device, dtype=torch.long)
