@@ -62,7 +62,7 @@ def run(args) -> int:
     classes = paper_target_classes(frequent_tokens(model, train_docs[:500]), word_tokens(model),
                                    mid=tuple(args.mid_rank), rare=args.rare_rank,
                                    out_of_context=args.out_of_context_rank)
-    settings = InstallSettings(multipliers=tuple(args.multipliers), n_windows=args.windows, window=args.window,
+    settings = InstallSettings(multipliers=tuple(map(float, args.multipliers)), n_windows=args.windows, window=args.window,
                                max_new_tokens=args.new_tokens, targets_per_class=args.targets_per_class,
                                seed=args.seed, random_control=not args.no_random_control)
     records = install_trials(model, args.layer, args.head, prompts, classes, settings, batch_size=args.batch_size,
@@ -70,7 +70,7 @@ def run(args) -> int:
     summary = summarize_install(records)
     text = (f"layer {args.layer} head {args.head}, {len(prompts)} prompts of {args.prompt_len} tokens, "
             f"{len(records)} trials\n" + format_install_summary(summary))
-    with staged_output(args.out, args.overwrite, inputs=[args.text]) as out:
+    with staged_output(args.out, args.overwrite, inputs=[args.text] if args.text else []) as out:
         records.to_csv(out / "records.csv", index=False)
         summary.to_csv(out / "summary.csv", index=False)
         (out / "summary.txt").write_text(text + "\n", encoding="utf-8")

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     erase.add_argument("--nonfiring", type=int, default=150, help="non-firing positions (default: %(default)s)")
     erase.add_argument("--multipliers", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="m for m a* A (1 2 4)")
     erase.add_argument("--dose-positions", type=int, default=50, help="(default: %(default)s)")
-    erase.add_argument("--dose-multipliers", type=float, nargs="+", default=[0.5, 1, 2, 4, 8, 16],
+    erase.add_argument("--dose-multipliers", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
                        help="(default: 0.5 1 2 4 8 16)")
     erase.add_argument("--batch-size", type=int, default=128, help="rows per batch (default: %(default)s)")
     erase.add_argument("--seed", type=int, default=2026)
@@ -78,13 +78,13 @@ def _erase(args) -> int:
     sae = load_sae(args.sae, args.device)
     passages = heldout_passages(model, args, args.passages, args.passage_len)
     settings = ErasureSettings(n_eval=args.eval_firings, n_nonfiring=args.nonfiring,
-                               multipliers=tuple(args.multipliers), n_dose=args.dose_positions,
-                               dose_multipliers=tuple(args.dose_multipliers), seed=args.seed)
+                               multipliers=tuple(map(float, args.multipliers)), n_dose=args.dose_positions,
+                               dose_multipliers=tuple(map(float, args.dose_multipliers)), seed=args.seed)
     result = erasure_probe(model, sae, args.layer, args.head, args.feature, passages, settings,
                            batch_size=args.batch_size, progress=True)
     token_text = model.tokenizer.decode([result.preferred_token]) if model.tokenizer is not None else None
     text = format_erasure_summary(result, token_text)
-    with staged_output(args.out, args.overwrite, inputs=[args.sae, args.text]) as out:
+    with staged_output(args.out, args.overwrite, inputs=[x for x in (args.sae, args.text) if x]) as out:
         result.detection.to_csv(out / "detection.csv", index=False)
         result.erasure.to_csv(out / "erasure.csv", index=False)
         result.nonfiring.to_csv(out / "nonfiring.csv", index=False)
@@ -115,12 +115,12 @@ def _amplify(args) -> int:
     saes = {head: load_sae(path, args.device) for head, path in zip(args.heads, args.sae)}
     passages = heldout_passages(model, args, args.selection_passages, args.passage_len)
     prompts = list(heldout_passages(model, args, args.prompts, args.prompt_len).cpu())
-    settings = AmplificationSettings(doses=tuple(args.doses), random_dose=args.random_dose, n_top=args.top,
-                                     max_new_tokens=args.new_tokens, temperature=args.temperature, seed=args.seed)
+    settings = AmplificationSettings(doses=tuple(map(float, args.doses)), random_dose=float(args.random_dose), n_top=args.top,
+                                     max_new_tokens=args.new_tokens, temperature=float(args.temperature), seed=args.seed)
     result = amplification_probe(model, saes, args.layer, prompts, passages, boundary[0], settings,
                                  batch_size=args.batch_size, progress=True)
     text = format_amplification_summary(result.summary)
-    with staged_output(args.out, args.overwrite, inputs=[*args.sae, args.text]) as out:
+    with staged_output(args.out, args.overwrite, inputs=[x for x in (*args.sae, args.text) if x]) as out:
         result.features.to_csv(out / "features.csv", index=False)
         result.records.to_csv(out / "records.csv", index=False)
         result.summary.to_csv(out / "summary.csv", index=False)
