@@ -55,11 +55,37 @@ def window_positions(length: int, settings: InstallSettings) -> list[list[int]]:
     return [list(range(length - 1 - w - settings.window, length - 1 - w)) for w in range(settings.n_windows)]
 
 
+@dataclass
+class InstallPlan:
+    """The rows of one install run before they are generated: the native run, the targets and every batched row
+    (``rows`` prompts, ``edits``, ``watch`` [rows, n_watch], ``meta`` (kind, prompt, window, m, target index))."""
+
+    native: object
+    targets: pd.DataFrame
+    norms: Tensor
+    rows: list
+    edits: list
+    watch: Tensor
+    meta: list
+    by_prompt: dict
+
+
 @torch.no_grad()
 def install_trials(model, layer: int, head: int, prompts: list[Tensor], classes: list[TargetClass],
                    settings: InstallSettings = InstallSettings(), *, batch_size: int = 256,
                    progress: bool = False) -> pd.DataFrame:
     """One record per (prompt, window, target, m) with the columns ``RECORD_COLUMNS``."""
+    prompts = [torch.as_tensor(p).long().cpu() for p in prompts]
+    plan = plan_install(model, layer, head, prompts, classes, settings, batch_size=batch_size)
+    result = generate_rows(model, plan.rows, max_new_tokens=settings.max_new_tokens, edits=plan.edits,
+                           watch=plan.watch, watch_steps=1, batch_size=batch_size, progress=progress)
+    return _records(plan.targets, prompts, settings, plan.native, result, plan.meta, plan.by_prompt, plan.norms)
+
+
+@torch.no_grad()
+def plan_install(model, layer: int, head: int, prompts: list[Tensor], classes: list[TargetClass],
+                 settings: InstallSettings = InstallSettings(), *, batch_size: int = 256) -> InstallPlan:
+    """Check the input, run the native continuations, pick the targets and build every edited and control row."""
     prompts = [torch.as_tensor(p).long().cpu() for p in prompts]
     check_classes(classes, model.cfg.d_vocab)
     _check_settings(settings)
@@ -103,9 +129,7 @@ def install_trials(model, layer: int, head: int, prompts: list[Tensor], classes:
                     ids = [int(target_ids[i]) for i in target_rows]
                     watch.append(ids + [-1] * (n_watch - len(ids)))
                     meta.append(("random", p, w, m, None))
-    result = generate_rows(model, rows, max_new_tokens=settings.max_new_tokens, edits=edits,
-                           watch=torch.tensor(watch), watch_steps=1, batch_size=batch_size, progress=progress)
-    return _records(targets, prompts, settings, native, result, meta, by_prompt, norms)
+    return InstallPlan(native, targets, norms, rows, edits, torch.tensor(watch), meta, by_prompt)
 
 
 def _records(targets, prompts, settings, native, result, meta, by_prompt, norms) -> pd.DataFrame:
