@@ -202,7 +202,8 @@ def test_text_file(content, message, qwen_sae, tmp_path, capsys):
 
 
 def test_substitution_text_is_evaluated_whole(qwen_sae, tmp_path):
-    """--text is the user's evaluation text: every document is used, not the last fifth (the split is train's)."""
+    """substitution's --text is the user's evaluation text: every document is used, not the last fifth (the split is
+    for commands that also train on --text)."""
     from types import SimpleNamespace
 
     from writesae_lens import pipeline
@@ -213,9 +214,24 @@ def test_substitution_text_is_evaluated_whole(qwen_sae, tmp_path):
     documents = pipeline.load_texts(None)[:10]
     text = tmp_path / "t.txt"
     text.write_text("<|endoftext|>".join(documents))
-    passages = heldout_passages(model, SimpleNamespace(text=text, device="cpu"), 2, 16)
+    passages = heldout_passages(model, SimpleNamespace(text=text, device="cpu"), 2, 16, whole_text=True)
     first = model.tokenizer.encode(documents[0], add_special_tokens=False)[:16]
     assert passages[0].tolist() == first
-    shipped = heldout_passages(model, SimpleNamespace(text=None, device="cpu"), 2, 16)
+    held_out = heldout_passages(model, SimpleNamespace(text=text, device="cpu"), 2, 16)  # a command that trains
+    assert held_out[0].tolist() == model.tokenizer.encode(documents[8], add_special_tokens=False)[:16]
+    shipped = heldout_passages(model, SimpleNamespace(text=None, device="cpu"), 2, 16, whole_text=True)
     _, held_out = pipeline.split_documents(pipeline.load_texts(None))
     assert shipped[0].tolist() == model.tokenizer.encode(held_out[0], add_special_tokens=False)[:16]
+
+
+def test_substitution_reads_the_first_documents_of_text(qwen_sae, tmp_path, capsys):
+    """Only the first of two documents is long enough for the passages: the run must read it (the last fifth of the
+    documents alone, the old behaviour, holds too few tokens)."""
+    from writesae_lens import pipeline
+
+    text = tmp_path / "t.txt"
+    text.write_text("<|endoftext|>".join([" ".join(pipeline.load_texts(None)[:6]), "short"]))
+    code, err = run_cli([*SUBST, "--sae", qwen_sae, *SMALL, "--text", text, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert len(pipeline.load_texts(text)) == 2
+    assert (tmp_path / "o" / "records.csv").stat().st_size > 0

@@ -220,7 +220,7 @@ def run_substitution(args) -> int:
     check_output_folder(args.out, args.overwrite)
     model = load_model(args)
     sae = load_sae(args.sae, args.device)
-    passages = heldout_passages(model, args, args.passages, args.passage_len)
+    passages = heldout_passages(model, args, args.passages, args.passage_len, whole_text=True)
     with staged_output(args.out, args.overwrite, inputs=input_paths(args)) as out:
         _, _, text = pipeline.run_substitution(
             model, sae, args.layer, args.head, passages, out, seed=args.seed,

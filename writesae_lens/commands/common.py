@@ -62,10 +62,11 @@ def cell_arguments(parser: argparse.ArgumentParser) -> None:
 def sae_argument(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--sae", type=Path, required=required,
                         help="folder of a saved WriteSAE (SAE.load_from_disk)")
-    ignore_metadata_argument(parser)
 
 
 def ignore_metadata_argument(parser: argparse.ArgumentParser) -> None:
+    """``--ignore-sae-metadata``; a command that adds it passes ``args.ignore_sae_metadata`` to ``check_cell`` /
+    ``replacement_test`` / the interventions."""
     parser.add_argument("--ignore-sae-metadata", action="store_true",
                         help="use the SAE even if its metadata records another model, hook or head (the state shape "
                         "must still match)")
@@ -122,15 +123,17 @@ def load_sae(path: Path, device: str):
     return sae
 
 
-def heldout_passages(model, args, n_passages: int, n_pos: int):
-    """``[n, n_pos]`` evaluation passages on the model's device: from every document of ``--text`` when given (the
-    user's evaluation text), otherwise from the held-out part of the shipped text (``train`` uses the rest)."""
+def heldout_passages(model, args, n_passages: int, n_pos: int, whole_text: bool = False):
+    """``[n, n_pos]`` evaluation passages on the model's device, from the held-out part (the last fifth of the
+    documents) of ``--text`` or of the shipped text: the part a command that also trains on ``--text`` (or ``train``)
+    leaves out. ``whole_text``: every document of ``--text`` (the user's evaluation text, for commands that train
+    nothing on it: ``substitution``); the shipped text is still split."""
     from .. import pipeline
 
-    if args.text is not None:
+    if whole_text and args.text is not None:
         documents = pipeline.load_texts(args.text)
     else:
-        _, documents = pipeline.split_documents(pipeline.load_texts(None))
+        _, documents = pipeline.split_documents(pipeline.load_texts(args.text))
     return pipeline.token_passages(model, documents, n_passages, n_pos).to(args.device)
 
 
