@@ -242,16 +242,15 @@ def test_bad_arguments_are_refused(audited, change, message):
 
 
 def test_dead_atoms_and_wrong_cells_are_refused(audited):
-    model, sae, tokens, result = audited
-    dead = sorted(set(range(sae.cfg.d_sae)) - set(result.settings["atoms"]))
-    from writesae_lens.evaluation.firings import scan_firings
+    import copy
 
-    alive = scan_firings(model, sae, 1, 2, tokens, progress=False).alive
-    dead = [a for a in range(sae.cfg.d_sae) if not bool(alive[a])]
+    model, sae, tokens, _ = audited
     base = dict(eps=(0.1,), horizons=(0,), n_eval_tokens=2, n_sign_trials=0, selectivity=False, progress=False)
-    if dead:
-        with pytest.raises(ValueError, match="dead"):
-            logit_shift_audit(model, sae, 1, 2, tokens, atoms=[dead[0]], **base)
+    silenced = copy.deepcopy(sae)
+    with torch.no_grad():
+        silenced.b_enc[5] = -1e9  # atom 5 can never be among the active ones
+    with pytest.raises(ValueError, match=r"atoms \[5\] are dead"):
+        logit_shift_audit(model, silenced, 1, 2, tokens, atoms=[5], **base)
     with pytest.raises(ValueError, match="not a recurrent layer"):
         logit_shift_audit(model, sae, 3, 2, tokens, **base)  # layer 3 is full attention
     other = firing_sae(model, tokens, 1, 2, d_sae=8, k=2)
@@ -259,6 +258,20 @@ def test_dead_atoms_and_wrong_cells_are_refused(audited):
     other.cfg.metadata.hook_head_index = 0
     with pytest.raises(ValueError, match="head 0"):
         logit_shift_audit(model, other, 1, 2, tokens, **base)
+    other.cfg.metadata.hook_head_index = 2
+    other.cfg.metadata.hook_name = "blocks.2.mixer.hook_state"  # another layer
+    with pytest.raises(ValueError, match="blocks.2.mixer.hook_state"):
+        logit_shift_audit(model, other, 1, 2, tokens, **base)
+    other.cfg.metadata.hook_name = "blocks.1.mixer.hook_state"
+    other.cfg.metadata.model_name = "some-other-model"
+    with pytest.raises(ValueError, match="some-other-model"):
+        logit_shift_audit(model, other, 1, 2, tokens, **base)
+    # the explicit override accepts it (same shape)
+    result = logit_shift_audit(model, other, 1, 2, tokens, ignore_sae_metadata=True, n_atoms=1, **base)
+    assert len(result.records) > 0
+    rwkv = random_rwkv7(101, seed=1)  # another model with another state shape: never accepted
+    with pytest.raises(ValueError, match="d_k, d_v"):
+        logit_shift_audit(rwkv, other, 1, 2, tokens, ignore_sae_metadata=True, **base)
 
 
 def test_closed_form_command_writes_records_summary_and_plots(tmp_path, capsys):

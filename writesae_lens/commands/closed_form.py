@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import cell_arguments, heldout_passages, load_model, load_sae, model_arguments, output_arguments, sae_argument
+from .common import (cell_arguments, heldout_passages, ignore_metadata_argument, input_paths, load_model, load_sae,
+                     model_arguments, non_negative_int, output_arguments, positive_float, positive_int, sae_argument)
 
 NAME = "closed-form"
 HELP = "audit the paper's closed-form logit shift (and the exact first-order shift) against measured shifts"
@@ -25,20 +26,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model_arguments(parser)
     cell_arguments(parser)
     sae_argument(parser)
-    parser.add_argument("--prompts", type=int, default=500, help="held-out prompts (default: %(default)s)")
-    parser.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt; t = the last (default: %(default)s)")
-    parser.add_argument("--atoms", type=int, default=50, help="alive atoms drawn with --seed (default: %(default)s)")
-    parser.add_argument("--atom-ids", type=int, nargs="+", default=None, help="audit these atoms instead")
+    ignore_metadata_argument(parser)
+    parser.add_argument("--prompts", type=positive_int, default=500, help="held-out prompts (default: %(default)s)")
+    parser.add_argument("--prompt-len", type=positive_int, default=64,
+                        help="tokens per prompt; t = the last (default: %(default)s)")
+    parser.add_argument("--atoms", type=positive_int, default=50,
+                        help="alive atoms drawn with --seed (default: %(default)s)")
+    parser.add_argument("--atom-ids", type=non_negative_int, nargs="+", default=None, help="audit these atoms instead")
     parser.add_argument("--eps-grid", choices=["appendix", "preregistered"], default="appendix",
                         help="appendix A's {0.1, 0.3, 1, 3} or the pre-registered {0.25, 0.5, 0.75, 1}")
-    parser.add_argument("--eps", type=float, nargs="+", default=None, help="explicit eps values (override the grid)")
-    parser.add_argument("--horizons", type=int, nargs="+", default=[0, 1, 4, 16], help="h = t - t0 (default: 0 1 4 16)")
-    parser.add_argument("--eval-tokens", type=int, default=64, help="eval tokens per atom (default: %(default)s)")
+    parser.add_argument("--eps", type=positive_float, nargs="+", default=None,
+                        help="explicit eps values (override the grid)")
+    parser.add_argument("--horizons", type=non_negative_int, nargs="+", default=[0, 1, 4, 16],
+                        help="h = t - t0 (default: 0 1 4 16)")
+    parser.add_argument("--eval-tokens", type=positive_int, default=64, help="eval tokens per atom (default: %(default)s)")
     parser.add_argument("--no-first-order", action="store_true", help="skip the forward-mode JVP")
-    parser.add_argument("--sign-trials", type=int, default=2000, help="trials of the 6.2 sign prediction")
+    parser.add_argument("--sign-trials", type=non_negative_int, default=2000, help="trials of the 6.2 sign prediction")
     parser.add_argument("--no-selectivity", action="store_true", help="skip the top-K selectivity of 3.7")
-    parser.add_argument("--batch-size", type=int, default=256, help="perturbed rows per batch (default: %(default)s)")
-    parser.add_argument("--passage-batch-size", type=int, default=8, help="prompts per native pass")
+    parser.add_argument("--batch-size", type=positive_int, default=256,
+                        help="perturbed rows per batch (default: %(default)s)")
+    parser.add_argument("--passage-batch-size", type=positive_int, default=8, help="prompts per native pass")
     parser.add_argument("--seed", type=int, default=2026)
     output_arguments(parser)
 
@@ -48,9 +55,6 @@ def run(args) -> int:
     from ..outputs import check_output_folder, staged_output
 
     check_output_folder(args.out, args.overwrite)
-    for name in ("prompts", "prompt_len"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model = load_model(args)
     sae = load_sae(args.sae, args.device)
     prompts = heldout_passages(model, args, args.prompts, args.prompt_len)
@@ -59,9 +63,9 @@ def run(args) -> int:
         eps=tuple(args.eps) if args.eps else EPS_GRIDS[args.eps_grid], horizons=tuple(args.horizons),
         n_eval_tokens=args.eval_tokens, first_order=not args.no_first_order, n_sign_trials=args.sign_trials,
         selectivity=not args.no_selectivity, seed=args.seed, batch_size=args.batch_size,
-        passage_batch_size=args.passage_batch_size,
+        passage_batch_size=args.passage_batch_size, ignore_sae_metadata=args.ignore_sae_metadata,
     )
-    with staged_output(args.out, args.overwrite) as out:
+    with staged_output(args.out, args.overwrite, inputs=input_paths(args)) as out:
         text = save_audit(result, out, settings={k: str(v) for k, v in vars(args).items() if k != "command"})
     print(text)
     print(f"\nrecords, summary and plots in {args.out}/")

@@ -76,10 +76,12 @@ def logit_shift_audit(
     batch_size: int = 256,
     passage_batch_size: int = 8,
     progress: bool = True,
+    ignore_sae_metadata: bool = False,
 ) -> AuditResult:
     """Run the audit on ``prompts`` (a token tensor ``[n, n_pos]`` or anything ``evaluation.passages`` takes; the
-    logits are read at each prompt's last position). See the module docstring for the protocol."""
-    check_cell(model, sae, layer, head)
+    logits are read at each prompt's last position). See the module docstring for the protocol.
+    ``ignore_sae_metadata=True`` accepts an SAE of another model, layer or head of the same shape (``check_cell``)."""
+    check_cell(model, sae, layer, head, ignore_sae_metadata=ignore_sae_metadata)
     tokens = as_passages(model, prompts)  # [n_prompts, n_pos]
     n_prompts, n_pos = tokens.shape
     eps, horizons = _checked_grid(eps, horizons, n_pos)
@@ -92,7 +94,8 @@ def logit_shift_audit(
     d_vocab = model.cfg.d_vocab
     n_eval_tokens = min(n_eval_tokens, d_vocab)
 
-    scan = scan_firings(model, sae, layer, head, tokens, passage_batch_size, progress)
+    scan = scan_firings(model, sae, layer, head, tokens, passage_batch_size, progress,
+                        ignore_sae_metadata=ignore_sae_metadata)
     atoms = _chosen_atoms(scan.alive, atoms, n_atoms, seed, sae.cfg.d_sae)
     device = model.cfg.device
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
