@@ -353,3 +353,18 @@ def test_training_restores_signal_handlers_and_writes_no_checkpoints(tmp_path, m
     assert not (tmp_path / "checkpoints").exists()
     assert json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]["model_name"] == "qwen35-tiny"
     check_cell(model, sae, 1, 0)
+
+
+def test_rwkv7_checkpoint_errors_name_the_file_and_value(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from writesae_lens.adapters.rwkv7 import HookedRWKV7
+
+    folder = shutil.copytree(Path(__file__).parent / "fixtures" / "rwkv7" / "checkpoint", tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
+        HookedRWKV7.from_pretrained(folder, dtype="int8")
+    assert HookedRWKV7.from_pretrained(folder, dtype="float64").W_E.dtype == torch.float64
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:64])
+    with pytest.raises(ValueError, match=re.escape(f"cannot read {folder / 'model.safetensors'} (64 bytes)")):
+        HookedRWKV7.from_pretrained(folder)

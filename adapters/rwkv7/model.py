@@ -25,6 +25,8 @@ from writesae_lens.hooking.components import Unembed
 from writesae_lens.hooking.loading import (
     convert_state_dict,
     load_checkpoint_tensors,
+    resolve_device,
+    resolve_dtype,
     resolve_folder,
     try_load_tokenizer,
 )
@@ -91,11 +93,12 @@ class HookedRWKV7(HookedRecurrentLM):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype: torch.dtype = torch.float32, tokenizer=None,
+    def from_pretrained(cls, name_or_path, device=None, dtype: torch.dtype | str = torch.float32, tokenizer=None,
                         load_tokenizer: bool = True) -> "HookedRWKV7":
         """Load a local fla RWKV-7 checkpoint folder (``config.json`` with model_type ``rwkv7`` + safetensors) or a hub
         id. The config is read as JSON: transformers' AutoConfig does not know ``rwkv7`` without fla."""
-        folder = resolve_folder(name_or_path)
+        device, dtype = resolve_device(device), resolve_dtype(dtype)  # clear errors for names torch lacks
+        folder = resolve_folder(name_or_path)  # also: config.json must be JSON
         config_file = Path(folder) / "config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"no config.json in {folder}; pass an fla RWKV-7 checkpoint folder")
