@@ -40,7 +40,7 @@ def test_bad_options_get_a_clear_message(capsys, tmp_path):
     assert code == 2 and "not empty" in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     code = main(["train", "--model", "qwen35-tiny", "--layer", "3", "--head", "0", "--out", str(tmp_path / "o3"),
-                 "--training-tokens", "1000"])
+                 "--training-tokens", "4096"])
     assert code == 2 and "not a recurrent layer" in capsys.readouterr().err
 
 
