@@ -191,7 +191,10 @@ class HookedRecurrentLM(HookedRootModule):
         ``final_positions`` [batch, n_sel] (long): the logits (or, with ``stop_at_layer=n_layers``, the final residual
         stream) only at those positions of each row, ``[batch, n_sel, ...]``. The cache still covers every position;
         the last block skips its position-wise work elsewhere when it can (``supports_keep``), and then its hook
-        points after the mixer see only the selected positions. No loss with it."""
+        points after the mixer see only the selected positions. No loss with it.
+
+        ``attention_mask`` [batch, pos] (1 = token, 0 = pad): left-padded rows on a call that starts a sequence; the
+        pads contribute nothing to any state, conv window, token shift or attention key (``hooking/padding.py``)."""
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         if start_at_layer is not None:
