@@ -133,7 +133,8 @@ def test_mixtures_and_bimodality_equal_scikit_learn_and_scipy():
     n = values.size
     g = stats.skew(values, bias=False)
     kappa = stats.kurtosis(values, bias=False)
-    assert bimodality_coefficient(values) == pytest.approx((g**2 + 1) / (kappa + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3))))
+    expected = (g**2 + 1) / (kappa + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3)))
+    assert bimodality_coefficient(values) == pytest.approx(expected)
     m = values - values.mean()
     g_hand = np.mean(m**3) / np.mean(m**2) ** 1.5 * np.sqrt(n * (n - 1)) / (n - 2)
     assert g == pytest.approx(g_hand)

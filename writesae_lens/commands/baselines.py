@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the WriteSAE and rank-2 atoms' scale (the flat+SVD substitute is always at native norm)")
     parser.add_argument("--recon-passages", type=int, default=200, help="sequences of the cache splice (default: 200)")
     parser.add_argument("--recon-len", type=int, default=1024, help="tokens per sequence (default: %(default)s)")
-    parser.add_argument("--prefix-len", type=int, default=None, help="the splice position (default: half of --recon-len)")
+    parser.add_argument("--prefix-len", type=int, default=None,
+                        help="the splice position (default: half of --recon-len)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="rank-r truncations")
     parser.add_argument("--batch-size", type=int, default=192, help="edited rows per batch (default: %(default)s)")
     parser.add_argument("--passage-batch-size", type=int, default=8, help="passages per forward pass")

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-form", choices=["beta", "delta"], default="beta",
                         help="the write the classes use: beta k v^T (the paper's headline) or the delta form k delta^T")
     parser.add_argument("--tau", type=float, default=0.05, help="register threshold (default: %(default)s)")
-    parser.add_argument("--n-init", type=int, default=10, help="restarts of each Gaussian mixture (default: %(default)s)")
+    parser.add_argument("--n-init", type=int, default=10,
+                        help="restarts of each Gaussian mixture (default: %(default)s)")
     parser.add_argument("--records", type=Path, default=None,
                         help="records (csv or parquet) of a substitution run of the same SAE, to join with the classes")
     parser.add_argument("--min-firings", type=int, default=5,

@@ -55,7 +55,8 @@ class SVDAtoms:
     def __init__(self, flat_sae, d_k: int, d_v: int) -> None:
         d_in = flat_sae.cfg.d_in
         if d_in != d_k * d_v:
-            raise ValueError(f"the flat SAE has d_in = {d_in}, but the state is d_k x d_v = {d_k} x {d_v} = {d_k * d_v}")
+            raise ValueError(f"the flat SAE has d_in = {d_in}, but the state is d_k x d_v = {d_k} x {d_v} = "
+                             f"{d_k * d_v}")
         self.flat = flat_sae
         self.cfg = SimpleNamespace(d_sae=flat_sae.cfg.d_sae, d_in=d_in, d_k=d_k, d_v=d_v,
                                    metadata=getattr(flat_sae.cfg, "metadata", None))

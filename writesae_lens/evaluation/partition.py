@@ -140,7 +140,8 @@ def firing_cosines(model, sae, layer: int, head: int, tokens, *, batch_size: int
         keys = factors["k"]
         sides = {form: value_sides(form, matrices, factors) for form in WRITE_FORMS}  # [b, p, d_v]
         p, q = _factors_of(sae, f)
-        part = {"passage": (b + start).numpy(), "position": t.numpy(), "atom": f.numpy(), "code": codes[b, t, f].numpy()}
+        part = {"passage": (b + start).numpy(), "position": t.numpy(), "atom": f.numpy(),
+                "code": codes[b, t, f].numpy()}
         for form in WRITE_FORMS:
             part[f"cos_{form}"] = write_cosines(p, q, keys[b, t], sides[form][b, t]).numpy()
         parts.append(pd.DataFrame(part))
@@ -307,8 +308,10 @@ def format_partition(summary: dict, thresholds: pd.DataFrame) -> str:
         "  Gaussian mixtures on the alive atoms' medians: "
         + ", ".join(f"BIC({n}) = {s[f'bic_{n}']:.2f}" for n in (1, 2, 3) if f"bic_{n}" in s),
         f"  delta BIC(2 - 1) = {s.get('delta_bic_2_1', float('nan')):.2f}, delta BIC(3 - 2) = "
-        f"{s.get('delta_bic_3_2', float('nan')):.2f} (smallest weight of 3: {s.get('smallest_weight_3', float('nan')):.3f})",
+        f"{s.get('delta_bic_3_2', float('nan')):.2f} (smallest weight of 3: "
+        f"{s.get('smallest_weight_3', float('nan')):.3f})",
         f"  bimodality coefficient {s.get('bimodality_coefficient', float('nan')):.3f} (> 0.555 suggests two modes)",
-        "  thresholds:  " + "   ".join(f"tau {r.tau:g}: {r.register} reg / {r.bundle} bun" for r in thresholds.itertuples()),
+        "  thresholds:  " + "   ".join(f"tau {r.tau:g}: {r.register} reg / {r.bundle} bun"
+                                       for r in thresholds.itertuples()),
     ]
     return "\n".join(lines)

@@ -49,7 +49,10 @@ def passage_bits_per_token(model, sae, layer: int, head: int, tokens, atoms, *, 
         batch = tokens[start : start + batch_size]
         states, factors = head_states(model, batch, layer, head)
         codes = sae.encode(states.to(sae.device, sae.dtype))  # [b, p, d_sae]
-        fires = (codes[..., atoms.to(codes.device)] > 0).any(-1) if len(atoms) else torch.zeros(codes.shape[:2], dtype=torch.bool)
+        if len(atoms):
+            fires = (codes[..., atoms.to(codes.device)] > 0).any(-1)  # [b, p]
+        else:
+            fires = torch.zeros(codes.shape[:2], dtype=torch.bool)
         b, t = fires.nonzero(as_tuple=True)
         b, t = b.to(factors["k"].device), t.to(factors["k"].device)
         native = factors["beta"][b, t, None, None] * factors["k"][b, t, :, None] * factors["v"][b, t, None, :]
