@@ -36,6 +36,7 @@ def prompts_and_edits(model, seed=0):
         CacheEdit(row=2, position=10, layer=a, head=2, key=torch.randn(d_k, generator=generator),
                   value=torch.randn(d_v, generator=generator), scale=0.7),  # a fixed atom at a generated position
         CacheEdit(row=3, position=4, layer=a, head=0, value=value, scale=2.0, relative=True),  # the prompt's last
+        CacheEdit(row=4, position=7, layer=a, head=1, scale=-1.0, relative=True),  # delete a generated token's write
     ]
     pushes = [Push(row=4, layer=b, head=1, matrix=0.3 * torch.randn(d_k, d_v, generator=generator))]
     return prompts, edits, pushes
