@@ -169,8 +169,13 @@ def test_partition_atoms_end_to_end(qwen35_pair):
         atoms.loc[alive, "median_cos"].to_numpy()[:, None])
     assert s["bic_2"] == pytest.approx(direct.bic(atoms.loc[alive, "median_cos"].to_numpy()[:, None]))
     assert s["delta_bic_2_1"] == pytest.approx(s["bic_2"] - s["bic_1"])
+    delta = partition_atoms(model, sae, LAYER, HEAD, passages, write_form="delta", n_init=3, progress=False)
+    np.testing.assert_allclose(delta.atoms["median_cos"], delta.atoms["median_cos_delta"])
+    assert (delta.atoms["class"] == classify(delta.atoms["median_cos_delta"].to_numpy())).all()
     with pytest.raises(ValueError, match="write_form"):
         partition_atoms(model, sae, LAYER, HEAD, passages, write_form="gamma", progress=False)
+    with pytest.raises(ValueError, match="atoms must lie"):
+        passage_bits_per_token(model, sae, LAYER, HEAD, passages, [24], progress=False)
 
 
 def synthetic_records(seed=0):
