@@ -91,3 +91,22 @@ def test_baselines_command(saved, tmp_path, capsys):
     assert "Reconstruction spliced into the cache" in capsys.readouterr().out
     assert main(["baselines", *MODEL, "--sae", str(saved / "sae"), "--flat-sae", str(tmp_path),
                  "--out", str(tmp_path / "c")]) == 2
+
+
+def test_baselines_command_on_every_head(saved, tmp_path):
+    """The given baselines are loaded, not trained; --layer-saes adds the splice of every head of the layer."""
+    model = load_hooked_model("qwen35-tiny")
+    passages = pipeline.token_passages(model, pipeline.load_texts(None), 4, 64)
+    for h in range(model.cfg.n_heads):
+        firing_sae(model, passages, LAYER, h, d_sae=16, k=2, seed=h).save_model(tmp_path / "layer" / f"head_{h}")
+    out = tmp_path / "out"
+    code = main(["baselines", *MODEL, "--sae", str(saved / "sae"), "--flat-sae", str(tmp_path / "layer" / "head_1"),
+                 "--rank2-sae", str(saved / "sae"), "--layer-saes", str(tmp_path / "layer"), "--passages", "2",
+                 "--passage-len", "48", "--max-firings", "10", "--recon-passages", "2", "--recon-len", "64",
+                 "--ranks", "2", "--out", str(out)])
+    assert code == 0
+    recon = pd.read_csv(out / "reconstruction_table.csv")
+    assert "writesae_all_heads" in set(recon.condition) and "svd_rank_2_all_heads" in set(recon.condition)
+    assert not (out / "flat_sae").exists()
+    assert main(["baselines", *MODEL, "--sae", str(saved / "sae"), "--layer-saes", str(tmp_path),
+                 "--out", str(tmp_path / "d")]) == 2

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-len", type=int, default=None,
                         help="the splice position (default: half of --recon-len)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="rank-r truncations")
+    parser.add_argument("--layer-saes", type=Path, default=None,
+                        help="a folder with a saved WriteSAE per head of the layer (head_0/, head_1/, ...): the splice "
+                        "is also run on every head at once (each with its own SAE; and the rank-r truncations)")
     parser.add_argument("--batch-size", type=int, default=192, help="edited rows per batch (default: %(default)s)")
     parser.add_argument("--passage-batch-size", type=int, default=8, help="passages per forward pass")
     parser.add_argument("--seed", type=int, default=2026)
@@ -74,9 +77,10 @@ def run(args) -> int:
             raise FileNotFoundError(f"--{flag.replace('_', '-')} {folder} is not a saved SAE folder (no cfg.json)")
     model = load_model(args)
     sae = load_sae(args.sae, args.device)
+    layer_saes = _layer_saes(args.layer_saes, model.cfg.n_heads, args.device) if args.layer_saes else None
     with staged_output(args.out, args.overwrite) as out:
         flat, rank2 = _baseline_saes(model, args, out)
-        text = _compare(model, args, out, {"writesae": sae, "flat": flat, "rank2": rank2})
+        text = _compare(model, args, out, {"writesae": sae, "flat": flat, "rank2": rank2}, layer_saes)
     print(text)
     print(f"\nrecords, tables, plots and the trained baselines in {args.out}/")
     return 0
@@ -104,7 +108,16 @@ def _baseline_saes(model, args, out: Path):
     return flat, rank2
 
 
-def _compare(model, args, out: Path, saes: dict) -> str:
+def _layer_saes(folder: Path, n_heads: int, device: str) -> dict:
+    """``{head: sae}`` from ``folder/head_{h}`` for every head."""
+    missing = [h for h in range(n_heads) if not (folder / f"head_{h}" / "cfg.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"--layer-saes {folder} has no saved SAE for heads {missing} (expected "
+                                f"{folder}/head_{{h}}/cfg.json for h = 0..{n_heads - 1})")
+    return {h: load_sae(folder / f"head_{h}", device) for h in range(n_heads)}
+
+
+def _compare(model, args, out: Path, saes: dict, layer_saes: dict | None = None) -> str:
     from ..evaluation.baselines import compare_substitution, flat_svd_test
     from ..evaluation.cache_reconstruction import reconstruction_sweep, reconstruction_table, standard_conditions
     from ..evaluation.dictionary_plots import plot_reconstruction
@@ -130,6 +143,9 @@ def _compare(model, args, out: Path, saes: dict) -> str:
     prefix_len = sequences.shape[1] // 2 if args.prefix_len is None else args.prefix_len
     conditions = standard_conditions(model, [args.head], {name: {args.head: sae} for name, sae in saes.items()},
                                      ranks=args.ranks)
+    if layer_saes is not None:  # every head of the layer at once, each with its own SAE
+        every_head = standard_conditions(model, sorted(layer_saes), {"writesae": layer_saes}, ranks=args.ranks)
+        conditions.update({f"{name}_all_heads": splice for name, splice in every_head.items()})
     per_passage = reconstruction_sweep(model, args.layer, sequences, conditions, prefix_len=prefix_len,
                                        passage_batch_size=args.passage_batch_size)
     per_passage.to_csv(out / "reconstruction.csv", index=False)

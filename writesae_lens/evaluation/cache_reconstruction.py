@@ -19,6 +19,7 @@ losses).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -201,6 +202,8 @@ def standard_conditions(model, heads: Sequence[int], saes: dict[str, dict[int, o
     return conditions
 
 
-def rank_of(condition: str) -> int | None:
-    """The rank of an ``svd_rank_{r}`` condition, else None."""
-    return int(condition.rsplit("_", 1)[1]) if condition.startswith("svd_rank_") else None
+def rank_of(condition: str) -> tuple[int, str] | None:
+    """``(r, rest)`` for a condition named ``svd_rank_{r}{rest}`` (e.g. ``svd_rank_4`` -> ``(4, "")``,
+    ``svd_rank_4_all_heads`` -> ``(4, "_all_heads")``), else None."""
+    match = re.fullmatch(r"svd_rank_(\d+)(.*)", condition)
+    return (int(match.group(1)), match.group(2)) if match else None

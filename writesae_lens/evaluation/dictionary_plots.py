@@ -56,10 +56,15 @@ def plot_reconstruction(table: pd.DataFrame, path: str | Path, *, title: str | N
     condition as a horizontal line (``table`` from ``reconstruction_table``)."""
     figure = Figure(figsize=(6.0, 4.0), layout="constrained")
     axes = figure.add_subplot()
-    ranks = [(rank_of(c), v) for c, v in zip(table["condition"], table["ppl_change_pct"]) if rank_of(c) is not None]
-    if ranks:
-        r, v = zip(*sorted(ranks))
-        axes.plot(r, v, marker="o", color="black", label="rank-r truncation of the state")
+    series: dict[str, list[tuple[int, float]]] = {}  # one line per family of truncations (e.g. "_all_heads")
+    for condition, value in zip(table["condition"], table["ppl_change_pct"]):
+        if rank_of(condition) is not None:
+            rank, rest = rank_of(condition)
+            series.setdefault(rest, []).append((rank, value))
+    for (rest, points), style in zip(series.items(), ("o-", "s--", "^:", "d-.")):
+        r, v = zip(*sorted(points))
+        axes.plot(r, v, style, color="black", label=f"rank-r truncation of the state{rest.replace('_', ' ')}")
+    if series:
         axes.set_xscale("log", base=2)
     colours = iter(["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"])
     for condition, value in zip(table["condition"], table["ppl_change_pct"]):
