@@ -8,6 +8,8 @@ tutorials/build_notebooks.py; the committed files must match it and carry no out
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
