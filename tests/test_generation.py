@@ -74,7 +74,8 @@ def naive_generation(model, prompt, edits, pushes, n_new):
             if e.position < len(seq):
                 k, v, beta = (cache[f"blocks.{e.layer}.mixer.hook_write_{n}"][0, e.position, e.head]
                               for n in ("k", "v", "beta"))
-                hooks += iv.add_to_state(e.layer, [(0, e.position, e.head)], reference_edit_matrix(e, k, v, float(beta)))
+                matrix = reference_edit_matrix(e, k, v, float(beta))
+                hooks += iv.add_to_state(e.layer, [(0, e.position, e.head)], matrix)
         for p in pushes:
             cells = [(0, t, p.head) for t in range(len(prompt), len(seq))]
             if cells:
@@ -117,8 +118,8 @@ def test_edit_matrices_equal_the_readable_formula():
     edits = [CacheEdit(0, 0, 0, 0, value=torch.randn(d_v, generator=generator), scale=3.0, relative=True),
              CacheEdit(0, 0, 0, 0, scale=-1.0, relative=True),
              CacheEdit(0, 0, 0, 0, scale=-1.0, relative=True),
-             CacheEdit(0, 0, 0, 0, key=torch.randn(d_k, generator=generator), value=torch.randn(d_v, generator=generator),
-                       scale=0.5),
+             CacheEdit(0, 0, 0, 0, key=torch.randn(d_k, generator=generator),
+                       value=torch.randn(d_v, generator=generator), scale=0.5),
              CacheEdit(0, 0, 0, 0, key=torch.randn(d_k, generator=generator), scale=2.0, relative=True),
              CacheEdit(0, 0, 0, 0, value=torch.randn(d_v, generator=generator), scale=1.5)]
     got = edit_matrices(**stacked(edits, d_k, d_v), native_k=k, native_v=v, native_beta=beta)

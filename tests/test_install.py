@@ -119,7 +119,8 @@ def test_bad_input_is_a_clear_error(model):
     with pytest.raises(ValueError, match="finite"):
         install_trials(model, LAYER, HEAD, prompt, ok, InstallSettings(multipliers=(float("inf"),), n_windows=1))
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        install_trials(model, LAYER, HEAD, prompt, [TargetClass("x", 1, None, (5, 10**6))], InstallSettings(n_windows=1))
+        install_trials(model, LAYER, HEAD, prompt, [TargetClass("x", 1, None, (5, 10**6))],
+                       InstallSettings(n_windows=1))
     with pytest.raises(ValueError, match="does not fit a vocabulary"):
         install_trials(model, LAYER, HEAD, prompt, [TargetClass("rare", 10_000)], InstallSettings(n_windows=1))
     with pytest.raises(ValueError, match="outside the vocabulary"):

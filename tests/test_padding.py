@@ -123,4 +123,5 @@ def test_padding_is_refused_when_continuing_a_cache(model):
 
 def test_a_mean_loss_over_pads_is_refused(model):
     with pytest.raises(ValueError, match="loss_per_token"):
-        model(torch.zeros(2, 3, dtype=torch.long), return_type="loss", attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+        model(torch.zeros(2, 3, dtype=torch.long), return_type="loss",
+              attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))

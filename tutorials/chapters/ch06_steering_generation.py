@@ -54,7 +54,8 @@ model = load_hooked_model("qwen35-tiny")
 texts = ["The old man walked to the river", "She said"]
 tokens, mask = model.to_tokens_and_mask(texts)
 print(tokens.shape, "mask:", mask.tolist())
-padded = model.generate(tokens, attention_mask=mask, max_new_tokens=12, do_sample=False, stop_at_eos=False, verbose=False)
+padded = model.generate(tokens, attention_mask=mask, max_new_tokens=12, do_sample=False, stop_at_eos=False,
+                        verbose=False)
 for row, text in enumerate(texts):
     prompt = model.to_tokens(text)
     alone = model.generate(prompt, max_new_tokens=12, do_sample=False, stop_at_eos=False, verbose=False)

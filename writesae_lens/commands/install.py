@@ -16,9 +16,9 @@ from .common import cell_arguments, heldout_passages, load_model, model_argument
 NAME = "install"
 HELP = "write a target token's direction into one head's cache at three positions and count it in the continuation"
 DESCRIPTION = ("For each held-out prompt, draw target tokens per class by their rank at the first generated step "
-               "(mid-rank, rare, frequent and semantic out-of-context), add m |beta k v^T| (k/|k|) v_T*^T to the head's "
-               "state at three consecutive prompt positions (v_T* = W_O[h]^T W_U[T], normalised) and decode greedily; "
-               "compare target inclusion with the native continuation and a matched-norm random direction.")
+               "(mid-rank, rare, frequent and semantic out-of-context), add m |beta k v^T| (k/|k|) v_T*^T to the "
+               "head's state at three consecutive prompt positions (v_T* = W_O[h]^T W_U[T], normalised) and decode "
+               "greedily; compare target inclusion with the native continuation and a matched-norm random direction.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets-per-class", type=int, default=2, help="(default: %(default)s)")
     parser.add_argument("--mid-rank", type=int, nargs=2, default=[100, 1000], metavar=("LOW", "HIGH"),
                         help="rank window of the mid-rank class (default: 100 1000)")
-    parser.add_argument("--rare-rank", type=int, default=10_000, help="lowest rank of the rare class (default: %(default)s)")
+    parser.add_argument("--rare-rank", type=int, default=10_000,
+                        help="lowest rank of the rare class (default: %(default)s)")
     parser.add_argument("--out-of-context-rank", type=int, default=17_000,
                         help="lowest rank of the frequent and semantic classes (default: %(default)s)")
     parser.add_argument("--no-random-control", action="store_true", help="skip the matched-norm random direction")
@@ -62,9 +63,10 @@ def run(args) -> int:
     classes = paper_target_classes(frequent_tokens(model, train_docs[:500]), word_tokens(model),
                                    mid=tuple(args.mid_rank), rare=args.rare_rank,
                                    out_of_context=args.out_of_context_rank)
-    settings = InstallSettings(multipliers=tuple(map(float, args.multipliers)), n_windows=args.windows, window=args.window,
-                               max_new_tokens=args.new_tokens, targets_per_class=args.targets_per_class,
-                               seed=args.seed, random_control=not args.no_random_control)
+    settings = InstallSettings(multipliers=tuple(map(float, args.multipliers)), n_windows=args.windows,
+                               window=args.window, max_new_tokens=args.new_tokens,
+                               targets_per_class=args.targets_per_class, seed=args.seed,
+                               random_control=not args.no_random_control)
     records = install_trials(model, args.layer, args.head, prompts, classes, settings, batch_size=args.batch_size,
                              progress=True)
     summary = summarize_install(records)

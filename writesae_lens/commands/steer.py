@@ -115,8 +115,9 @@ def _amplify(args) -> int:
     saes = {head: load_sae(path, args.device) for head, path in zip(args.heads, args.sae)}
     passages = heldout_passages(model, args, args.selection_passages, args.passage_len)
     prompts = list(heldout_passages(model, args, args.prompts, args.prompt_len).cpu())
-    settings = AmplificationSettings(doses=tuple(map(float, args.doses)), random_dose=float(args.random_dose), n_top=args.top,
-                                     max_new_tokens=args.new_tokens, temperature=float(args.temperature), seed=args.seed)
+    settings = AmplificationSettings(doses=tuple(map(float, args.doses)), random_dose=float(args.random_dose),
+                                     n_top=args.top, max_new_tokens=args.new_tokens,
+                                     temperature=float(args.temperature), seed=args.seed)
     result = amplification_probe(model, saes, args.layer, prompts, passages, boundary[0], settings,
                                  batch_size=args.batch_size, progress=True)
     text = format_amplification_summary(result.summary)

@@ -103,6 +103,7 @@ def check_edit(edit: CacheEdit, d_k: int, d_v: int) -> None:
             continue
         if not isinstance(vector, Tensor) or tuple(vector.shape) != (size,):
             got = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
-            raise ValueError(f"edit {name} must be a [{size}] tensor (the state is d_k x d_v = {d_k} x {d_v}); got {got}")
+            raise ValueError(f"edit {name} must be a [{size}] tensor (the state is d_k x d_v = {d_k} x {d_v}); "
+                             f"got {got}")
         if not bool(torch.isfinite(vector).all()):
             raise ValueError(f"edit {name} holds non-finite values (row {edit.row}, position {edit.position})")

@@ -62,7 +62,8 @@ def generate_rows(
     """Generate ``max_new_tokens`` tokens for every row (see the module docstring).
 
     ``prompts``: one 1-D token tensor per row. ``watch`` [rows, n_watch] (long, -1 = none): tokens whose log-prob and
-    rank are recorded at every step (or the first ``watch_steps``; NaN / -1 after). ``seeds`` (sampling only): one per row."""
+    rank are recorded at every step (or the first ``watch_steps``; NaN / -1 after). ``seeds`` (sampling only): one
+    per row."""
     rows = _checked_prompts(model, prompts)
     n_rows = len(rows)
     _check_options(max_new_tokens, do_sample, temperature, seeds, n_rows, batch_size)

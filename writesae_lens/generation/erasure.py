@@ -55,7 +55,8 @@ class ErasureResult:
     summary: dict = field(default_factory=dict)
 
 
-def atom_edits(sae, feature: int, row: int, position: int, layer: int, head: int, coefficient: float) -> list[CacheEdit]:
+def atom_edits(sae, feature: int, row: int, position: int, layer: int, head: int,
+               coefficient: float) -> list[CacheEdit]:
     """``coefficient * A_i`` as rank-1 cache edits, one per decoder component ``p_r q_r^T``."""
     keys = sae.W_dec_key.detach().float().cpu()[feature]  # [rank, d_k]
     values = sae.W_dec_value.detach().float().cpu()[feature]  # [rank, d_v]

@@ -201,8 +201,11 @@ def format_install_summary(summary: pd.DataFrame) -> str:
     lines = ["Three-position install: target inclusion in the greedy continuation (Wilson 95%)",
              f"  {'class':<10} {'m':>4} {'n':>5}  {'edited':<22} {'native':<22} {'random':<22} "
              f"{'rank up':>7} {'lift':>7} {'rank shift':>10} {'p(nat)':>8} {'p(rand)':>8}"]
-    pct = lambda r, k: (f"{100 * r[f'{k}_inclusion']:5.1f}% [{100 * r[f'{k}_low']:4.1f}, {100 * r[f'{k}_high']:5.1f}]"  # noqa: E731
-                        if not math.isnan(r[f"{k}_inclusion"]) else "-")
+    def pct(r, k: str) -> str:
+        if math.isnan(r[f"{k}_inclusion"]):
+            return "-"
+        return f"{100 * r[f'{k}_inclusion']:5.1f}% [{100 * r[f'{k}_low']:4.1f}, {100 * r[f'{k}_high']:5.1f}]"
+
     for _, r in summary.iterrows():
         lines.append(f"  {r.target_class:<10} {r.m:>4g} {r.n:>5d}  {pct(r, 'edited'):<22} {pct(r, 'native'):<22} "
                      f"{pct(r, 'random'):<22} {100 * r.rank_improved:6.1f}% {r.median_lift:+7.3f} "

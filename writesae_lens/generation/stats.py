@@ -69,7 +69,8 @@ def cohens_dz(diff: Float[np.ndarray, " n"]) -> float:
 def paired_difference(treated, baseline, *, n_resamples: int = 10_000, seed: int = 0) -> PairedDifference:
     treated, baseline = np.asarray(treated, dtype=float), np.asarray(baseline, dtype=float)
     if treated.shape != baseline.shape or treated.ndim != 1 or treated.size < 2:
-        raise ValueError(f"paired values must be two 1-D arrays of one length >= 2; got {treated.shape}, {baseline.shape}")
+        raise ValueError(f"paired values must be two 1-D arrays of one length >= 2; got {treated.shape}, "
+                         f"{baseline.shape}")
     diff = treated - baseline
     if np.all(diff == diff[0]):
         t, p = float("nan"), float("nan")  # no spread: the t-test is undefined
