@@ -57,7 +57,7 @@ def run(args) -> int:
     check_output_folder(args.out, args.overwrite)
     model = load_model(args)
     sae = load_sae(args.sae, args.device)
-    prompts = heldout_passages(model, args, args.prompts, args.prompt_len)
+    prompts = heldout_passages(model, args, args.prompts, args.prompt_len, whole_text=True)  # trains nothing on it
     result = logit_shift_audit(
         model, sae, args.layer, args.head, prompts, n_atoms=args.atoms, atoms=args.atom_ids,
         eps=tuple(args.eps) if args.eps else EPS_GRIDS[args.eps_grid], horizons=tuple(args.horizons),
