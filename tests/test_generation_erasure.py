@@ -113,7 +113,7 @@ def test_bad_input_is_a_clear_error(setup):
         erasure_probe(model, other, LAYER, HEAD, 0, passages)
     sae.cfg.metadata.hook_head_index = HEAD + 1
     try:
-        with pytest.raises(ValueError, match="head"):
+        with pytest.raises(ValueError, match="trained on head"):
             erasure_probe(model, sae, LAYER, HEAD, 0, passages)
     finally:
         sae.cfg.metadata.hook_head_index = None
