@@ -133,7 +133,7 @@ def test_edit_matrices_equal_the_readable_formula():
 
 
 @pytest.mark.parametrize("edit,match", [
-    (CacheEdit(0, 12, 0, 0, scale=1.0), "past what is generated"),
+    (CacheEdit(0, 11, 0, 0, scale=1.0), "past what is generated"),  # prompt of 8, 5 new: 0..10 can act
     (CacheEdit(0, 2, 0, 0, scale=float("nan")), "finite"),
     (CacheEdit(0, 2, 0, 99, scale=1.0), "head 99"),
     (CacheEdit(0, 2, 99, 0, scale=1.0), "not a recurrent layer"),
@@ -150,3 +150,18 @@ def test_bad_edits_are_clear_errors(model, edit, match):
 def test_sampling_needs_one_seed_per_row(model):
     with pytest.raises(ValueError, match="one seed per row"):
         generate_rows(model, [torch.arange(4)] * 2, max_new_tokens=2, do_sample=True, seeds=[1])
+
+
+def test_the_last_accepted_edit_position_reaches_the_last_generated_token(model):
+    """Prompt of 8, 5 new tokens: the edit after the read at 10 (the fourth generated token) changes the
+    distribution the fifth is drawn from, and nothing before it."""
+    layer = recurrent_layers(model)[0]
+    watch = torch.tensor([[0, 1, 2]])
+    native = generate_rows(model, [torch.arange(8)], max_new_tokens=5, watch=watch)
+    generator = torch.Generator().manual_seed(0)  # not a constant value side: RWKV-7's per-head GroupNorm removes it
+    edit = CacheEdit(0, 10, layer, 0, value=torch.randn(model.cfg.d_v, generator=generator),
+                     key=torch.randn(model.cfg.d_k, generator=generator), scale=50.0)
+    edited = generate_rows(model, [torch.arange(8)], max_new_tokens=5, edits=[edit], watch=watch)
+    assert edited.tokens[0, :4].tolist() == native.tokens[0, :4].tolist()
+    assert torch.equal(edited.watch_logp[0, :4], native.watch_logp[0, :4])
+    assert not torch.allclose(edited.watch_logp[0, 4], native.watch_logp[0, 4])

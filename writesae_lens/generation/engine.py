@@ -72,7 +72,9 @@ def generate_rows(
     for edit in edits:
         _check_cell(model, edit.row, edit.layer, edit.head, n_rows)
         check_edit(edit, model.cfg.d_k, model.cfg.d_v)
-        last = lengths[edit.row] + max_new_tokens - 2  # an edit after the last read changes nothing generated
+        # the output of the last prompt position and of each fed token but the last are read: an edit after the
+        # read at s reaches them only when s is before the last of those positions (len + max_new_tokens - 2)
+        last = lengths[edit.row] + max_new_tokens - 3
         if not 0 <= edit.position <= last:
             raise ValueError(f"edit position {edit.position} of row {edit.row} is past what is generated: valid "
                              f"positions are 0..{last} (prompt of {lengths[edit.row]} tokens, {max_new_tokens} new)")
