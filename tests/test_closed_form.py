@@ -18,9 +18,10 @@ from writesae_lens.evaluation.closed_form import logit_shift_audit
 from writesae_lens.evaluation.closed_form_summary import (cell_r_squared, selectivity_summary,
                                                           sign_prediction_summary, summarize_audit)
 from writesae_lens.evaluation.logit_shift import (decay_gain, fitted_scale, head_output_matrix, out_path_logits,
-                                                  r_squared, r_squared_fitted, token_value_direction, top_k_overlap)
+                                                  r_squared, r_squared_fitted, top_k_overlap)
 from writesae_lens.evaluation.state_perturbation import StatePerturbations
 from writesae_lens.evaluation.stats import wilson_interval
+from writesae_lens.generation.directions import value_directions
 
 # ---- pure formulas ---------------------------------------------------------------------------------------------------
 
@@ -85,7 +86,7 @@ def test_top_k_overlap_counts_shared_tokens():
 def test_token_direction_is_the_unit_out_path_gradient():
     generator = torch.Generator().manual_seed(2)
     w_o, w_u = torch.randn(10, 6, generator=generator), torch.randn(10, 30, generator=generator)
-    direction = token_value_direction(w_o, w_u[:, 7])
+    direction = value_directions(w_o, w_u[:, 7:8])[0][0]
     assert float(direction.norm()) == pytest.approx(1.0)
     # it maximises <W_O q, W_U[:, 7]> over unit q
     others = torch.nn.functional.normalize(torch.randn(200, 6, generator=generator), dim=-1)

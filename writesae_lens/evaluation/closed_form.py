@@ -34,8 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .firings import check_cell, scan_firings
-from .logit_shift import (decay_gain, head_output_matrix, key_alignment, out_path_logits, token_value_direction,
-                          top_k_overlap)
+from ..generation.directions import value_directions
+from .logit_shift import decay_gain, head_output_matrix, key_alignment, out_path_logits, top_k_overlap
 from .passages import as_passages
 from .state_perturbation import StatePerturbations
 
@@ -248,9 +248,7 @@ def _sign_rows(engine, group, plan, keys, atoms, w_o, w_u, query_t) -> list[dict
     prompts = torch.tensor(group.prompts)[local]
     u = keys[atom_index, 0]
     u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)  # [n, d_k]
-    columns = w_u[:, target.to(w_u.device)].T  # [n, d_model]
-    direction = token_value_direction(w_o, columns)  # [n, d_v]
-    token_gain = (columns @ w_o).norm(dim=-1)  # ||W_O^T W_U[:, T]||
+    direction, token_gain = value_directions(w_o, w_u[:, target.to(w_u.device)])  # v_T* [n, d_v], ||W_O^T W_U[:, T]||
     magnitude = engine.inputs["write_norm"][prompts, engine.t]
     alignment = (u * query_t[prompts]).sum(-1)
     matrices = magnitude[:, None, None] * u[:, :, None] * direction[:, None, :]

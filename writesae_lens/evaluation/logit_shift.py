@@ -60,14 +60,6 @@ def paper_prediction(eps: Tensor, alignment: Tensor, out_path: Tensor) -> Tensor
     return eps * alignment * out_path
 
 
-def token_value_direction(w_o: Float[Tensor, "d_model d_v"],
-                          unembedding_column: Float[Tensor, "*tokens d_model"]) -> Float[Tensor, "*tokens d_v"]:
-    """``v_T* = W_O[h]^T W_U[:, T] / ||W_O[h]^T W_U[:, T]||`` (paper 6.2): the unit value-side direction that raises
-    token T's logit most through the direct out-path."""
-    direction = unembedding_column.to(w_o) @ w_o
-    return direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-
-
 # ---- the audit's statistics ------------------------------------------------------------------------------------------
 
 def r_squared(measured: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -13,34 +13,31 @@ from __future__ import annotations
 from jaxtyping import Float, Int
 from torch import Tensor
 
-OUTPUT_PROJECTIONS = ("out_proj", "o_proj")  # Gated DeltaNet and Mamba-2 | RWKV-7
-
+from ..evaluation.logit_shift import head_output_matrix
+from ..ops.precision import upcast
 
 def value_directions(
     head_output: Float[Tensor, "d_model d_v"],
     unembedding: Float[Tensor, "d_model n"],
 ) -> tuple[Float[Tensor, "n d_v"], Float[Tensor, " n"]]:
-    """``(v_T*, |W_O[h]^T W_U[T]|)`` for each unembedding column: the unit directions and their norms."""
-    raw = (head_output.float().T @ unembedding.float()).T  # [n, d_v]
+    """``(v_T*, |W_O[h]^T W_U[T]|)`` for each unembedding column: the unit directions and their norms (float32, or
+    float64 for float64 weights)."""
+    raw = (upcast(head_output).T @ upcast(unembedding)).T  # [n, d_v]
     norms = raw.norm(dim=-1)
     return raw / norms.clamp_min(1e-30)[:, None], norms
 
 
 def head_output_block(model, layer: int, head: int) -> Float[Tensor, "d_model d_v"]:
-    """``W_O[h]``: the columns of head ``head``'s read in layer ``layer``'s mixer output projection."""
+    """``W_O[h]``: the columns of head ``head``'s read in layer ``layer``'s mixer output projection
+    (``evaluation.logit_shift.head_output_matrix``), with clear errors for a layer or head that has none."""
     block = model.blocks[layer]
     if not hasattr(block, "mixer"):
         recurrent = [i for i, b in enumerate(model.blocks) if hasattr(b, "mixer")]
         raise ValueError(f"layer {layer} is not a recurrent layer; recurrent layers: {recurrent}")
-    n_heads, d_v = model.cfg.n_heads, model.cfg.d_v
+    n_heads = model.cfg.n_heads
     if not 0 <= head < n_heads:
         raise ValueError(f"head {head} is out of range; valid heads are 0..{n_heads - 1}")
-    for name in OUTPUT_PROJECTIONS:
-        projection = getattr(block.mixer, name, None)
-        if projection is not None:
-            weight = projection.weight.detach()  # [d_model, n_heads * d_v]
-            return weight[:, head * d_v : (head + 1) * d_v]
-    raise ValueError(f"the mixer of layer {layer} has no output projection named {' or '.join(OUTPUT_PROJECTIONS)}")
+    return head_output_matrix(block.mixer, head).detach()
 
 
 def target_directions(model, layer: int, head: int, tokens: Int[Tensor, " n"]) -> tuple[Tensor, Tensor]:
