@@ -51,22 +51,27 @@ def plot_measured_vs_predicted(records: pd.DataFrame, path: str | Path, horizon:
 
 
 def plot_r2_by_rank(summary: AuditSummary, path: str | Path, overwrite: bool = True) -> Path:
-    """Median R^2 over (atom, eps) against the eval token's rank, one line per predictor and horizon."""
+    """Median R^2 over atoms against the eval token's rank, one panel per eps, one line per predictor and horizon
+    (R^2 below -1 is drawn at -1)."""
     table = summary.by_rank
     if table.empty:
         raise ValueError("no cells to plot")
-    figure = _figure(6.5, 3.8)
-    ax = figure.subplots()
-    styles = dict(zip(sorted(table.horizon.unique()), ["-", "--", ":", "-."] * 4))
+    eps_values = sorted(table.eps.unique())
+    figure = _figure(3.4 * len(eps_values), 3.6)
+    axes = figure.subplots(1, len(eps_values), squeeze=False, sharey=True)[0]
+    horizons = sorted(table.horizon.unique())
+    styles = {h: ["-", "--", ":", "-."][i % 4] for i, h in enumerate(horizons)}
     colours = {"free": "tab:blue", "fit": "tab:orange", "first_order": "tab:green"}
-    for predictor in PREDICTORS:
-        for horizon, part in table.groupby("horizon"):
-            ax.plot(part.eval_rank, part[f"r2_{predictor}"], styles[horizon], color=colours[predictor],
-                    label=f"{_LABELS[predictor]}, h = {horizon}")
-    ax.set_xlabel("eval token rank (by |<W_O q, W_U[tok]>|)")
-    ax.set_ylabel("median R^2 across cells")
-    ax.set_ylim(max(-1.0, float(np.nanmin(table[[f"r2_{p}" for p in PREDICTORS]].to_numpy())) - 0.05), 1.02)
-    ax.legend(fontsize=6, ncol=2)
+    for ax, eps in zip(axes, eps_values):
+        for predictor in PREDICTORS:
+            for horizon, part in table[table.eps == eps].groupby("horizon"):
+                ax.plot(part.eval_rank, part[f"r2_{predictor}"].clip(lower=-1.0), styles[horizon],
+                        color=colours[predictor], label=f"{_LABELS[predictor]}, h = {horizon}")
+        ax.set_title(f"eps = {eps:g}")
+        ax.set_xlabel("eval token rank")
+        ax.set_ylim(-1.05, 1.05)
+    axes[0].set_ylabel("median R^2 over atoms")
+    axes[-1].legend(fontsize=5, ncol=1)
     return _save_png(figure, path, overwrite)
 
 

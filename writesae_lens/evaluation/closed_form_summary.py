@@ -31,7 +31,7 @@ CELL_KEYS = ["horizon", "atom", "eps", "eval_rank"]
 class AuditSummary:
     cells: pd.DataFrame  # one row per cell: r2_free, r2_fit, r2_first_order, fitted_scale
     headline: pd.DataFrame  # per (horizon, predictor): median per-atom R^2, IQR, p10, share of cells > 0.95
-    by_rank: pd.DataFrame  # per (horizon, eval_rank): median R^2 of each predictor over (atom, eps)
+    by_rank: pd.DataFrame  # per (horizon, eps, eval_rank): median R^2 of each predictor over atoms
     sign_check: pd.DataFrame  # per (horizon, predictor): trials, flips, rate, Wilson upper bound
     sign_prediction: dict  # 6.2
     selectivity: pd.DataFrame  # per (control, k): mean selectivity and its 95% interval
@@ -125,7 +125,8 @@ def selectivity_summary(selectivity: pd.DataFrame) -> pd.DataFrame:
 
 def summarize_audit(records: pd.DataFrame, sign_trials: pd.DataFrame, selectivity: pd.DataFrame) -> AuditSummary:
     cells = cell_r_squared(records)
-    by_rank = cells.groupby(["horizon", "eval_rank"])[["r2_free", "r2_fit", "r2_first_order"]].median().reset_index()
+    by_rank = cells.groupby(["horizon", "eps", "eval_rank"])[["r2_free", "r2_fit", "r2_first_order"]].median()
+    by_rank = by_rank.reset_index()
     return AuditSummary(cells, _headline(cells), by_rank, _sign_check(records), sign_prediction_summary(sign_trials),
                         selectivity_summary(selectivity) if not selectivity.empty else pd.DataFrame())
 
