@@ -49,3 +49,13 @@ def mamba2_pair(mamba2_folders):
 
     folder = mamba2_folders["grouped_nonsquare"]
     return Mamba2ForCausalLM.from_pretrained(folder).eval(), HookedMamba2.from_pretrained(folder).eval()
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test, restored afterwards (tiny models; the machines are shared). Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

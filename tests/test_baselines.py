@@ -26,13 +26,7 @@ from writesae_lens.evaluation.substitution import replacement_test
 LAYER, HEAD, D_SAE, K = 1, 2, 24, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: these models are tiny, and the machines are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

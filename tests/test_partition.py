@@ -10,7 +10,6 @@ import torch
 from scipy import stats
 from sklearn.mixture import GaussianMixture
 
-from rwkv7_factory import random_rwkv7
 from sae_checks import firing_sae
 from writesae_lens import interventions as iv
 from writesae_lens.evaluation.firings import head_states
@@ -28,23 +27,17 @@ from writesae_lens.evaluation.partition import (
 from writesae_lens.evaluation.partition_records import class_win_rates, cosine_bin_table, failure_by_quartile
 from writesae_lens.evaluation.passage_bits import passage_bits_per_token, summarize_bits
 from writesae_lens.evaluation.records import RECORD_COLUMNS
+from family_models import family_model
 
 LAYER, HEAD = 1, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: these models are tiny, and the machines are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["qwen35", "mamba2", "rwkv7"])
 def family(request, qwen35_pair, mamba2_pair):
-    model = random_rwkv7(97) if request.param == "rwkv7" else {"qwen35": qwen35_pair, "mamba2": mamba2_pair}[
-        request.param][1]
+    model = family_model(request.param, qwen35_pair, mamba2_pair)
     passages = torch.randint(0, 90, (4, 40), generator=torch.Generator().manual_seed(3))
     return request.param, model, passages
 

@@ -20,12 +20,7 @@ LAYER, HEAD = 1, 0
 MODEL = ["--model", "qwen35-tiny", "--layer", str(LAYER), "--head", str(HEAD)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

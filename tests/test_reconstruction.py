@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 import torch
 
-from rwkv7_factory import random_rwkv7
 from sae_checks import firing_sae
 from writesae_lens.evaluation.cache_reconstruction import (
     apply_splice,
@@ -18,23 +17,17 @@ from writesae_lens.evaluation.cache_reconstruction import (
     svd_splice,
     truncate_rank,
 )
+from family_models import family_model
 
 LAYER, HEAD, PREFIX = 1, 2, 17
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: these models are tiny, and the machines are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["qwen35", "mamba2", "rwkv7"])
 def family(request, qwen35_pair, mamba2_pair):
-    model = random_rwkv7(97) if request.param == "rwkv7" else {"qwen35": qwen35_pair, "mamba2": mamba2_pair}[
-        request.param][1]
+    model = family_model(request.param, qwen35_pair, mamba2_pair)
     passages = torch.randint(0, 90, (3, 40), generator=torch.Generator().manual_seed(5))
     return model, passages
 
