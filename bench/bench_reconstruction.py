@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reconstruction_reference import straightforward  # noqa: E402
 from sae_checks import firing_sae  # noqa: E402
 
 from writesae_lens import pipeline  # noqa: E402
 from writesae_lens.evaluation.cache_reconstruction import (  # noqa: E402
-    apply_splice,
     reconstruction_sweep,
     standard_conditions,
 )
@@ -55,21 +55,6 @@ def flat_sae(model, tokens, layer: int, head: int, d_sae: int, k: int):
         sae.W_dec.copy_(sae.W_enc.T)
         sae.b_dec.copy_(states.flatten(0, 1).mean(0))
     return sae
-
-
-@torch.no_grad()
-def straightforward(model, layer: int, tokens, conditions, prefix_len: int) -> dict[tuple[int, str], float]:
-    """Per passage and condition: prefix rerun at batch 1, splice, suffix loss."""
-    out = {}
-    for p in range(tokens.shape[0]):
-        for name in ["native", *conditions]:
-            cache = model.empty_cache()
-            model(tokens[p : p + 1, :prefix_len], cache=cache)
-            if name != "native":
-                cache.layers[layer]["state"] = apply_splice(cache.layers[layer]["state"], conditions[name])
-            nll = model(tokens[p : p + 1, prefix_len:], cache=cache, return_type="loss", loss_per_token=True)
-            out[(p, name)] = float(nll.double().mean())
-    return out
 
 
 def main() -> None:

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
+from reconstruction_reference import straightforward
 from sae_checks import firing_sae
 from writesae_lens.evaluation.cache_reconstruction import (
-    apply_splice,
     identity_splice,
     reconstruction_sweep,
     reconstruction_table,
@@ -32,20 +32,6 @@ def family(request, qwen35_pair, mamba2_pair):
     return model, passages
 
 
-@torch.no_grad()
-def straightforward(model, tokens, conditions, prefix_len):
-    out = {}
-    for p in range(tokens.shape[0]):
-        for name in ["native", *conditions]:
-            cache = model.empty_cache()
-            model(tokens[p : p + 1, :prefix_len], cache=cache)
-            if name != "native":
-                cache.layers[LAYER]["state"] = apply_splice(cache.layers[LAYER]["state"], conditions[name])
-            loss = model(tokens[p : p + 1, prefix_len:], cache=cache, return_type="loss", loss_per_token=True)
-            out[(p, name)] = float(loss.double().mean())
-    return out
-
-
 def test_sweep_equals_the_straightforward_protocol(family):
     model, passages = family
     assert model.cfg.d_k != model.cfg.d_v
@@ -56,7 +42,7 @@ def test_sweep_equals_the_straightforward_protocol(family):
                   "rank_1": svd_splice(1, [HEAD]), "rank_2_all": svd_splice(2, heads)}
     table = reconstruction_sweep(model, LAYER, passages, conditions, prefix_len=PREFIX, passage_batch_size=2,
                                  row_batch_size=5, progress=False)
-    reference = straightforward(model, passages, conditions, PREFIX)
+    reference = straightforward(model, LAYER, passages, conditions, PREFIX)
     assert len(table) == len(reference) == 3 * 5
     worst = max(abs(r.nll - reference[(r.passage, r.condition)]) for r in table.itertuples())
     assert worst < 1e-5, worst
