@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 
 from .firings import check_cell, scan_firings
 from ..generation.directions import value_directions
-from .logit_shift import decay_gain, head_output_matrix, key_alignment, out_path_logits, top_k_overlap
+from ..ops.precision import compute_dtype
+from .logit_shift import (decay_gain, head_output_matrix, key_alignment, out_path_logits, paper_prediction,
+                          top_k_overlap)
 from .passages import as_passages
 from .state_perturbation import StatePerturbations
 
@@ -98,7 +100,7 @@ def logit_shift_audit(
                         ignore_sae_metadata=ignore_sae_metadata)
     atoms = _chosen_atoms(scan.alive, atoms, n_atoms, seed, sae.cfg.d_sae)
     device = model.cfg.device
-    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(next(model.parameters()))
     keys = sae.W_dec_key.detach()[atoms].to(device, dtype)  # [A, R, d_k]
     values = sae.W_dec_value.detach()[atoms].to(device, dtype)  # [A, R, d_v]
     matrices = torch.einsum("ark,arv->akv", keys, values)  # [A, d_k, d_v]
@@ -128,6 +130,8 @@ def logit_shift_audit(
     for group in engine.groups():
         local = torch.arange(len(group.prompts))
         prompt_index = torch.tensor(group.prompts)
+        zeros = torch.zeros(len(local), *matrices.shape[1:], dtype=dtype, device=device)
+        natives = {}  # horizon -> unperturbed logits [P, d_vocab] of the group's prompts, through the row path
         for hi, h in enumerate(horizons):
             t0 = t - h
             log_decay = engine.inputs["log_decay"][prompt_index, t0 + 1 : t + 1]  # [P, h] or [P, h, d_k]
@@ -136,12 +140,13 @@ def logit_shift_audit(
             # <G p_r, q_t> for every prompt, atom, rank: [P, A, R]
             g = gain[:, None, None, :] if per_channel else gain[:, None, None]
             align = key_alignment(keys[None], query_t[prompt_index][:, None, None, :], g)
-            shift_per_eps = (align[..., None] * out_at_eval[None]).sum(2)  # [P, A, J]
-            predicted[group.prompts, hi] = (eps_t[None, None, :, None] * shift_per_eps[:, :, None, :]).cpu().numpy()
+            prediction = paper_prediction(eps_t[None, None, None, :, None], align[..., None, None],
+                                          out_at_eval[None, :, :, None, :]).sum(2)  # [P, A, E, J], summed over rank
+            predicted[group.prompts, hi] = prediction.cpu().numpy()
             gain_out[group.prompts, hi] = (gain.mean(-1) if per_channel else gain).cpu().numpy()
             alignment_out[group.prompts, hi] = align.sum(-1).cpu().numpy()
 
-            native = engine.logits(group, h, local, torch.zeros(len(local), *matrices.shape[1:], dtype=dtype))
+            native = natives[h] = engine.logits(group, h, local, zeros)
             native_at = native[:, eval_tokens.flatten()].reshape(len(local), n_a, n_j)  # [P, A, J]
             bar.update(len(local))
             # perturbed rows: (prompt, atom, eps), in batches
@@ -161,10 +166,12 @@ def logit_shift_audit(
                     first[prompt_index[p].numpy(), hi, a.numpy()] = (
                         eps_t[None, :, None] * slope[:, None, :]).cpu().numpy()
                     bar.update(len(chunk))
+        native0 = natives[0] if 0 in natives else engine.logits(group, 0, local, zeros)  # h = 0: 6.2 and 3.7
         if selectivity:
-            selectivity_rows += _selectivity_rows(engine, group, matrices, keys, values, atoms, generator, batch_size)
+            selectivity_rows += _selectivity_rows(engine, group, native0, matrices, keys, values, atoms, generator,
+                                                  batch_size)
             bar.update(2 * n_a * len(local))
-        sign_rows += _sign_rows(engine, group, sign_plan, keys, atoms, w_o, w_u, query_t)
+        sign_rows += _sign_rows(engine, group, native0, sign_plan, keys, atoms, w_o, w_u, query_t)
     bar.close()
 
     records = _records_frame(measured, predicted, first if first_order else None, gain_out, alignment_out,
@@ -236,7 +243,7 @@ def _sign_plan(n_prompts: int, n_atoms: int, n_trials: int, d_vocab: int, seed: 
     return plan
 
 
-def _sign_rows(engine, group, plan, keys, atoms, w_o, w_u, query_t) -> list[dict]:
+def _sign_rows(engine, group, native, plan, keys, atoms, w_o, w_u, query_t) -> list[dict]:
     """6.2 at h = 0: write ``m u v_T*^T`` (u: the atom's unit key factor, v_T*: token T's unit value direction, m: the
     native write norm at t) and compare the measured shift of T's logit with ``m <u, q_t> ||W_O^T W_U[:, T]||``."""
     trials = [(i, a, T) for i, prompt in enumerate(group.prompts) for a, T in plan.get(prompt, [])]
@@ -252,7 +259,7 @@ def _sign_rows(engine, group, plan, keys, atoms, w_o, w_u, query_t) -> list[dict
     magnitude = engine.inputs["write_norm"][prompts, engine.t]
     alignment = (u * query_t[prompts]).sum(-1)
     matrices = magnitude[:, None, None] * u[:, :, None] * direction[:, None, :]
-    native = engine.logits(group, 0, local, torch.zeros_like(matrices))
+    native = native[local]  # the group's unperturbed logits at h = 0, per trial
     edited = engine.logits(group, 0, local, matrices)
     index = target.to(native.device)[:, None]
     measured = (edited.gather(1, index) - native.gather(1, index))[:, 0]
@@ -268,7 +275,7 @@ def _sign_rows(engine, group, plan, keys, atoms, w_o, w_u, query_t) -> list[dict
 SELECTIVITY_COLUMNS = ["prompt", "atom", "control", "k", "overlap", "selectivity"]
 
 
-def _selectivity_rows(engine, group, matrices, keys, values, atoms, generator, batch_size) -> list[dict]:
+def _selectivity_rows(engine, group, native, matrices, keys, values, atoms, generator, batch_size) -> list[dict]:
     """Top-K overlap of the atom's logit shift (eps = 1, h = 0) with a matched-norm Gaussian rank-1 and a rank-1
     orthogonal to the atom's factors, both at the atom's Frobenius norm."""
     n_a = len(atoms)
@@ -289,10 +296,9 @@ def _selectivity_rows(engine, group, matrices, keys, values, atoms, generator, b
     pairs = torch.cartesian_prod(local, torch.arange(n_a))
     for chunk in pairs.split(batch_size):
         p, a = chunk.T
-        native = engine.logits(group, 0, p, torch.zeros_like(matrices[a]))
-        atom_shift = engine.logits(group, 0, p, matrices[a]) - native
+        atom_shift = engine.logits(group, 0, p, matrices[a]) - native[p]
         for name in CONTROLS:
-            control_shift = engine.logits(group, 0, p, controls[name][p, a]) - native
+            control_shift = engine.logits(group, 0, p, controls[name][p, a]) - native[p]
             for k in SELECTIVITY_K:
                 if k > k_max:
                     continue

@@ -21,7 +21,6 @@ d_vocab]``); no norm weight, no gate, no final norm (they are what the fitted sc
 from __future__ import annotations
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
