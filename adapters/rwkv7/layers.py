@@ -154,7 +154,9 @@ class RWKV7Mixer(DPLRWriteMixer):
             v = v.clone()  # an in-place write edit must not change v_first, which the later layers read
         reads = self.recur_with_cache(r, k, v, ones, w, layer_cache, erase_a=kk * a, erase_b=kk)  # [b, p, h, d_v]
 
-        normed = self.g_norm(reads.reshape(batch * n_pos, cfg.value_dim)).reshape(batch, n_pos, cfg.n_heads, cfg.d_v)
+        gn = self.g_norm  # its weights cast to the reads' (compute) dtype: bf16 / fp16 weights meet fp32 reads
+        normed = F.group_norm(reads.reshape(batch * n_pos, cfg.value_dim), gn.num_groups, gn.weight.to(reads.dtype),
+                              gn.bias.to(reads.dtype), gn.eps).reshape(batch, n_pos, cfg.n_heads, cfg.d_v)
         bonus = run_hook_keeping_shape(self.hook_bonus, bonus)
         g = run_hook_keeping_shape(self.hook_gate, g)
         return self.o_proj(((normed + bonus) * g).reshape(batch, n_pos, cfg.value_dim).to(x.dtype))
