@@ -2,6 +2,7 @@
 
     plot_cosine_histogram   the alive atoms' median cosines, with the fitted mixture's density and the threshold
     plot_reconstruction     suffix perplexity change per splice: the rank-r truncations as a line, the SAEs as marks
+    plot_cosine_ecdfs       the firing-level cosine distributions of several partitions, as empirical CDFs
 """
 
 from __future__ import annotations
@@ -74,5 +75,24 @@ def plot_reconstruction(table: pd.DataFrame, path: str | Path, *, title: str | N
     axes.set_xlabel("rank r")
     axes.set_ylabel("suffix perplexity change vs native (%)")
     axes.set_title(title or "Reconstruction spliced into the cache")
+    axes.legend(fontsize="small")
+    return _save_png(figure, path, overwrite)
+
+
+def plot_cosine_ecdfs(firings: dict[str, pd.DataFrame], path: str | Path, *, column: str = "cos_beta",
+                      title: str | None = None, overwrite: bool = True) -> Path:
+    """Empirical CDFs of the firing-level cosines of several partitions (``{label: firings table}``): the curves
+    whose largest vertical gap is the KS statistic of each pair."""
+    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+    axes = figure.add_subplot()
+    for label, table in firings.items():
+        values = np.sort(table[column].to_numpy(np.float64))
+        if values.size == 0:
+            raise ValueError(f"group {label!r} has no firings: nothing to plot")
+        axes.step(values, np.arange(1, values.size + 1) / values.size, where="post",
+                  label=f"{label} ({values.size} firings)")
+    axes.set_xlabel(f"signed cosine of the atom with the native write ({column})")
+    axes.set_ylabel("share of firings at or below")
+    axes.set_title(title or "Firing-level cosines")
     axes.legend(fontsize="small")
     return _save_png(figure, path, overwrite)
