@@ -8,6 +8,11 @@ from sae_lens import SAE
 from sae_lens.saes.topk_sae import TopKSAE
 
 import writesae_lens.saes as ws
+from writesae_lens.saes.paper_checkpoint import (
+    ImportedBatchTopKSAE,
+    ImportedWriteBatchTopKSAE,
+    estimate_batchtopk_threshold_,
+)
 
 N_F, D_K, D_V, K = 16, 4, 6, 3
 
@@ -113,12 +118,13 @@ def states(n=24, seed=3):
 CASES = [
     pytest.param("bilinear", 1, False, ws.WriteTopKSAE, id="bilinear-topk"),
     pytest.param("bilinear", 2, False, ws.WriteTopKSAE, id="bilinear-rank2"),
-    pytest.param("bilinear", 1, True, ws.WriteBatchTopKTrainingSAE, id="bilinear-batchtopk"),
+    pytest.param("bilinear", 1, True, ImportedWriteBatchTopKSAE, id="bilinear-batchtopk"),
     pytest.param("bilinear_tied", 1, False, ws.WriteTopKSAE, id="bilinear_tied"),
     pytest.param("bilinear_jumprelu", 1, False, ws.WriteJumpReLUSAE, id="bilinear_jumprelu"),
     pytest.param("rank1", 1, False, ws.WriteTopKSAE, id="rank1-matrixsae"),
-    pytest.param("rank1", 2, True, ws.WriteBatchTopKTrainingSAE, id="rank1-r2-batchtopk"),
+    pytest.param("rank1", 2, True, ImportedWriteBatchTopKSAE, id="rank1-r2-batchtopk"),
     pytest.param("flat", 1, False, TopKSAE, id="flat"),
+    pytest.param("flat", 1, True, ImportedBatchTopKSAE, id="flat-batchtopk"),
 ]
 
 
@@ -267,3 +273,137 @@ def test_file_with_arbitrary_pickles_needs_trust(tmp_path):
 
 class _Opaque:
     pass
+
+
+# ---- the Mamba-2 checkpoints' transposed layout (transformers' cache [head_dim, d_state]) --------
+# make_paper_checkpoint's states are [D_K, D_V] in the checkpoint's own names; for a Mamba-2 checkpoint those are
+# [head_dim, d_state], and hook_state holds their transpose.
+
+LAYOUT_CASES = [
+    pytest.param("bilinear", 1, False, id="bilinear"),
+    pytest.param("bilinear", 2, True, id="bilinear-rank2-batchtopk"),
+    pytest.param("bilinear_tied", 1, False, id="bilinear_tied"),
+    pytest.param("bilinear_jumprelu", 1, False, id="bilinear_jumprelu"),
+    pytest.param("rank1", 2, False, id="rank1-r2"),
+    pytest.param("flat", 1, False, id="flat"),
+]
+
+
+@pytest.mark.parametrize("sae_type,rank,use_batchtopk", LAYOUT_CASES)
+def test_head_dim_first_checkpoint_gives_the_paper_codes_on_hook_state(sae_type, rank, use_batchtopk):
+    checkpoint = make_paper_checkpoint(sae_type, rank=rank, use_batchtopk=use_batchtopk)
+    sae = ws.convert_paper_checkpoint(checkpoint, dtype="float64", state_layout="head_dim_first")
+    authors_states = states()  # [n, head_dim, d_state], as the authors extracted them
+    expected_codes, expected_recon = paper_forward(checkpoint, authors_states)
+    ours = authors_states.transpose(1, 2).reshape(len(authors_states), -1)  # hook_state: [d_state, head_dim]
+    codes = sae.encode(ours)
+    assert torch.equal(codes != 0, expected_codes != 0)
+    torch.testing.assert_close(codes, expected_codes, rtol=1e-12, atol=1e-12)
+    expected_ours = expected_recon.reshape(-1, D_K, D_V).transpose(1, 2).reshape(len(ours), -1)
+    torch.testing.assert_close(sae.decode(codes), expected_ours, rtol=1e-12, atol=1e-12)
+    if hasattr(sae.cfg, "d_k"):
+        assert (sae.cfg.d_k, sae.cfg.d_v) == (D_V, D_K)
+    assert sae.cfg.metadata.paper_state_layout == "head_dim_first"
+
+
+def test_head_dim_first_swaps_the_factor_roles():
+    checkpoint = make_paper_checkpoint("bilinear")
+    state = checkpoint["model_state_dict"]
+    sae = ws.convert_paper_checkpoint(checkpoint, dtype="float64", state_layout="head_dim_first")
+    assert torch.equal(sae.W_dec_key, state["W_dec"].double())  # the d_state side is our key side
+    assert torch.equal(sae.W_dec_value, state["V_dec"].double())
+    assert torch.equal(sae.W_enc_key, state["W_enc"].double())
+    assert torch.equal(sae.b_dec_matrix, state["bias"].double().T)
+
+
+def test_the_key_first_import_of_a_transposed_checkpoint_gives_other_codes():
+    """What happened before the layout option: d_in is the same either way, so hook_state's (transposed) states run
+    through a key-first import without any error, and give codes that are not the paper's."""
+    checkpoint = make_paper_checkpoint("bilinear")
+    authors_states = states()
+    expected_codes, _ = paper_forward(checkpoint, authors_states)
+    ours = authors_states.transpose(1, 2).reshape(len(authors_states), -1)
+    wrong = ws.convert_paper_checkpoint(checkpoint, dtype="float64").encode(ours)
+    assert not torch.allclose(wrong, expected_codes)
+    right = ws.convert_paper_checkpoint(checkpoint, dtype="float64", state_layout="head_dim_first").encode(ours)
+    torch.testing.assert_close(right, expected_codes, rtol=1e-12, atol=1e-12)
+
+
+def test_mamba2_checkpoint_on_transformers_cache_matches_hooked_state(mamba2_pair):
+    """End to end: an SAE in the authors' layout, fed transformers' Mamba-2 cache as the authors did, and the imported
+    SAE fed HookedMamba2's hook_state, give the same codes."""
+    hf_model, model = mamba2_pair
+    cfg = model.cfg
+    layer, head = 1, 3
+    checkpoint = make_paper_checkpoint("bilinear", seed=5)
+    n_f = 16
+    gen = torch.Generator().manual_seed(1)
+    state = checkpoint["model_state_dict"]
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=gen), dim=-1)  # noqa: E731
+    state |= {"V_enc": unit(n_f, 1, cfg.d_v), "W_enc": unit(n_f, 1, cfg.d_k), "V_dec": unit(n_f, 1, cfg.d_v),
+              "W_dec": unit(n_f, 1, cfg.d_k), "bias": 0.01 * torch.randn(cfg.d_v, cfg.d_k, generator=gen)}
+    checkpoint["config"] |= {"d_k": cfg.d_v, "d_v": cfg.d_k, "d_in": cfg.d_k * cfg.d_v, "layer": layer, "head": head}
+    tokens = torch.randint(0, cfg.d_vocab, (2, 9), generator=gen)
+    with torch.no_grad():
+        out = hf_model(tokens, use_cache=True)
+        hf_states = out.cache.get_recurrent_state(layer)[:, head].double()  # [batch, head_dim, d_state]
+        _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{layer}.mixer.hook_state")
+    ours = cache[f"blocks.{layer}.mixer.hook_state"][:, -1, head].double()  # [batch, d_state * head_dim]
+    expected_codes, _ = paper_forward(checkpoint, hf_states)
+    sae = ws.convert_paper_checkpoint(checkpoint, dtype="float64", state_layout="head_dim_first")
+    assert (sae.cfg.d_k, sae.cfg.d_v) == (cfg.d_k, cfg.d_v)
+    torch.testing.assert_close(sae.encode(ours), expected_codes, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_state_layout_is_refused():
+    with pytest.raises(ws.PaperCheckpointError, match="head_dim_first"):
+        ws.convert_paper_checkpoint(make_paper_checkpoint("bilinear"), state_layout="transposed")
+
+
+# ---- BatchTopK: no inference threshold in the paper's checkpoints --------------------------------
+
+
+def batchtopk_states(n=512, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D_K * D_V, generator=gen)
+
+
+@pytest.mark.parametrize("sae_type", ["bilinear", "flat"])
+def test_imported_batchtopk_refuses_an_inference_save_without_a_threshold(tmp_path, sae_type):
+    sae = ws.convert_paper_checkpoint(make_paper_checkpoint(sae_type, use_batchtopk=True))
+    with pytest.raises(ws.PaperCheckpointError, match="estimate_batchtopk_threshold_"):
+        sae.save_inference_model(tmp_path / "inference")
+    assert not (tmp_path / "inference").exists() or not any((tmp_path / "inference").iterdir())
+
+
+@pytest.mark.parametrize("sae_type", ["bilinear", "flat"])
+def test_estimated_threshold_gives_an_inference_sae_firing_about_k(tmp_path, sae_type):
+    sae = ws.convert_paper_checkpoint(make_paper_checkpoint(sae_type, use_batchtopk=True))
+    X = batchtopk_states()
+    threshold = estimate_batchtopk_threshold_(sae, X, batch_size=64)
+    # the estimate is the mean over batches of the smallest active value of each batch
+    per_batch = [sae.encode(X[i : i + 64]) for i in range(0, 512, 64)]
+    expected = torch.stack([c[c > 0].min().double() for c in per_batch]).mean()
+    assert threshold == pytest.approx(float(expected), rel=1e-6)
+    sae.save_inference_model(tmp_path / "inference")
+    inference = SAE.load_from_disk(tmp_path / "inference")
+    assert "jumprelu" in inference.cfg.architecture()
+    held_out = batchtopk_states(seed=8)
+    l0 = (inference.encode(held_out) != 0).float().sum(-1).mean().item()
+    assert 0.5 * K <= l0 <= 1.6 * K, l0
+    # what the unestimated threshold (0) gave: every positive pre-activation fires
+    zero_l0 = (sae.encode(held_out) != 0).sum().item() / len(held_out)  # batch-relative: exactly K
+    assert zero_l0 == pytest.approx(K)
+    all_positive = (held_out @ inference.W_enc + inference.b_enc > 0).float().sum(-1).mean().item()
+    assert all_positive > 2 * l0
+
+
+def test_threshold_estimate_errors():
+    sae = ws.convert_paper_checkpoint(make_paper_checkpoint("bilinear", use_batchtopk=True))
+    with pytest.raises(ws.PaperCheckpointError, match="at least one batch"):
+        estimate_batchtopk_threshold_(sae, batchtopk_states(n=10), batch_size=64)
+    with pytest.raises(ws.PaperCheckpointError, match="d_in"):
+        estimate_batchtopk_threshold_(sae, torch.zeros(64, 5), batch_size=64)
+    topk = ws.convert_paper_checkpoint(make_paper_checkpoint("bilinear"))
+    with pytest.raises(ws.PaperCheckpointError, match="not a BatchTopK"):
+        estimate_batchtopk_threshold_(topk, batchtopk_states(), batch_size=64)

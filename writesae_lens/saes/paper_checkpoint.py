@@ -18,12 +18,25 @@ is only added to the reconstruction. Imported SAEs therefore have `apply_b_dec_t
 and reproduce the paper's forward: TopK (per state), BatchTopK (batch-relative; imported as a
 `WriteBatchTopKTrainingSAE`, whose encode is batch-relative), JumpReLU (threshold =
 exp(log_threshold)). Flat checkpoints become SAELens' own `TopKSAE` / `BatchTopKTrainingSAE`.
+
+State layout. The paper's Mamba-2 SAEs were trained on transformers' cache, `h_t` of shape
+[head_dim, d_state] per head, the transpose of this library's `hook_state` ([d_state, head_dim] =
+[d_k, d_v], key side first). `state_layout="head_dim_first"` converts such a checkpoint: the
+factors swap roles (the paper's d_state-side factor becomes the key side), the dense encoder's
+columns and the flat decoder's rows are permuted from vec(h) to vec(h^T), and the bias matrix is
+transposed; the imported SAE then takes our `hook_state` and gives the paper's codes.
+
+Inference threshold. The paper's BatchTopK SAEs keep no threshold, so an imported BatchTopK SAE
+has none either (NaN): `save_inference_model` refuses until `estimate_batchtopk_threshold_` has
+computed one from states, as SAELens' trainer does during training.
 """
 
+import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
@@ -39,6 +52,10 @@ SUPPORTED_SAE_TYPES = ("bilinear", "bilinear_tied", "bilinear_jumprelu", "rank1"
 KNOWN_UNSUPPORTED_SAE_TYPES = ("bilinear_flat", "bilinear_gated")
 # buffers in the paper's state dicts that carry no model weights
 IGNORED_KEYS = ("steps_since_active",)
+# "key_first": trained on [d_k, d_v] states as hook_state gives them (Gated DeltaNet: transformers' cache is key-first).
+# "head_dim_first": trained on transformers' Mamba-2 cache [head_dim, d_state], the transpose of hook_state.
+StateLayout = Literal["key_first", "head_dim_first"]
+STATE_LAYOUTS = ("key_first", "head_dim_first")
 
 
 class PaperCheckpointError(ValueError):
@@ -73,6 +90,7 @@ def load_paper_checkpoint(
     dtype: str = "float32",
     device: str = "cpu",
     trust_pickle: bool = False,
+    state_layout: str = "key_first",  # a StateLayout; checked below with a clear error
 ) -> SAE[Any]:
     """Read a paper checkpoint file and return the matching SAE (see `convert_paper_checkpoint`).
 
@@ -88,21 +106,36 @@ def load_paper_checkpoint(
             f"Could not read {path} as a plain tensor/dict torch file ({error}). If you trust the "
             "file, call load_paper_checkpoint(..., trust_pickle=True)."
         ) from error
-    return convert_paper_checkpoint(checkpoint, dtype=dtype, device=device)
+    return convert_paper_checkpoint(checkpoint, dtype=dtype, device=device, state_layout=state_layout)
 
 
 def convert_paper_checkpoint(
-    checkpoint: object, *, dtype: str = "float32", device: str = "cpu"
+    checkpoint: object,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    state_layout: str = "key_first",  # a StateLayout; checked below with a clear error
 ) -> SAE[Any]:
-    """Turn a loaded paper checkpoint dict into a WriteSAE (or SAELens SAE for flat checkpoints)."""
+    """Turn a loaded paper checkpoint dict into a WriteSAE (or SAELens SAE for flat checkpoints).
+
+    state_layout: the layout of the states the checkpoint was trained on. "key_first" (default:
+    the Gated DeltaNet checkpoints, trained on transformers' [d_k, d_v] cache, which hook_state
+    keeps) or "head_dim_first" (the Mamba-2 checkpoints, trained on transformers' [head_dim,
+    d_state] cache, the transpose of hook_state; see the module docstring). The result always
+    takes hook_state's layout.
+    """
+    if state_layout not in STATE_LAYOUTS:
+        raise PaperCheckpointError(f"state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}.")
     state, config = _unpack(checkpoint)
     state = {name: tensor for name, tensor in state.items() if name not in IGNORED_KEYS}
     sae_type = _resolve_sae_type(config, state)
     state = {name: _upgrade_2d_factor(name, tensor) for name, tensor in state.items()}
     spec = _read_spec(sae_type, config, state)
+    if state_layout == "head_dim_first":
+        state, spec = transpose_state_layout(state, spec)
     convert = _CONVERTERS[sae_type]
     sae = convert(state, spec, dtype)
-    sae.cfg.metadata = _metadata(spec, config)
+    sae.cfg.metadata = _metadata(spec, config, state_layout)
     if hasattr(sae.cfg, "add_training_info_to_metadata"):
         sae.cfg.add_training_info_to_metadata()
     return sae.to(device=device)
@@ -233,16 +266,135 @@ def _refuse_leftovers(state: Mapping[str, Tensor], spec: PaperSAESpec) -> None:
         )
 
 
-def _metadata(spec: PaperSAESpec, config: Mapping[str, Any]) -> SAEMetadata:
+def _metadata(spec: PaperSAESpec, config: Mapping[str, Any], state_layout: str) -> SAEMetadata:
     plain = (str, int, float, bool, type(None))
     metadata = SAEMetadata(
         paper_checkpoint_config={k: v for k, v in config.items() if isinstance(v, plain)},
+        paper_state_layout=state_layout,
     )
     if spec.layer is not None:
         metadata.hook_name = f"blocks.{spec.layer}.mixer.hook_state"
     if spec.head is not None:
         metadata.hook_head_index = spec.head
     return metadata
+
+
+# ---- the transposed (Mamba-2, transformers' cache) layout ---------------------------------------
+
+
+def transpose_state_layout(
+    state: dict[str, Tensor], spec: PaperSAESpec
+) -> tuple[dict[str, Tensor], PaperSAESpec]:
+    """A checkpoint trained on states X = S^T ([a, b], the paper's d_k = a, d_v = b) rewritten for S ([b, a]).
+
+    A rank-R atom sum_r v_r w_r^T of X is the atom sum_r w_r v_r^T of S, so the two factors swap
+    roles (key <-> value side); the bilinear filter v^T X w equals w^T S v, so the encoder factors
+    swap too. Dense maps over vec(X) (rank1's encoder, flat's encoder and decoder) are re-indexed
+    to vec(S), where vec(X)[i * b + j] = X[i, j] = S[j, i] = vec(S)[j * a + i]. The bias matrix
+    is transposed. Returns the rewritten state dict and the spec with d_k, d_v swapped.
+    """
+    a, b = spec.d_k, spec.d_v  # the checkpoint's own names: its states are [a, b]
+    swaps = {"V_enc": "W_enc", "W_enc": "V_enc", "V_dec": "W_dec", "W_dec": "V_dec", "V": "W", "W": "V"}
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if name in swaps:
+            out[swaps[name]] = tensor
+        elif name == "bias":
+            out[name] = tensor.transpose(-2, -1).contiguous() if tensor.dim() == 2 else tensor
+        elif name == "encoder.weight":  # [F, a * b] over vec(X) -> [F, b * a] over vec(S)
+            out[name] = _transpose_flat_axis(tensor, a, b, axis=1)
+        elif name == "decoder.weight":  # [a * b, F]
+            out[name] = _transpose_flat_axis(tensor, a, b, axis=0)
+        elif name == "decoder.bias":  # [a * b]
+            out[name] = _transpose_flat_axis(tensor, a, b, axis=0)
+        else:
+            out[name] = tensor
+    return out, dataclasses.replace(spec, d_k=b, d_v=a)
+
+
+def _transpose_flat_axis(tensor: Tensor, a: int, b: int, axis: int) -> Tensor:
+    """Re-index one axis of length a * b from row-major [a, b] to row-major [b, a]."""
+    if tensor.shape[axis] != a * b:
+        return tensor  # a wrong shape is reported by the converter, which names the parameter
+    moved = tensor.movedim(axis, 0)
+    rest = moved.shape[1:]
+    swapped = moved.reshape(a, b, *rest).transpose(0, 1).reshape(a * b, *rest)
+    return swapped.movedim(0, axis).contiguous()
+
+
+# ---- BatchTopK: an inference threshold estimated from data ---------------------------------------
+
+
+def estimate_batchtopk_threshold_(
+    sae: SAE[Any], states: Tensor, batch_size: int = 256
+) -> float:
+    """Give a BatchTopK SAE the inference threshold SAELens' trainer would have given it, from states.
+
+    SAELens' BatchTopK trainer keeps a moving average (step `topk_threshold_lr`) of the smallest
+    positive activation of each training batch, and `save_inference_model` turns it into a
+    JumpReLU threshold. The paper's checkpoints recorded none. This computes the quantity the
+    moving average estimates, the mean over batches of that smallest positive activation, over
+    consecutive batches of `batch_size` states (the paper: 256; 128 for Mamba-2) of `states`
+    ([n, d_in], a remainder smaller than one batch is left out), and stores it in
+    `sae.topk_threshold`. Returns it.
+    """
+    if not hasattr(sae, "topk_threshold"):
+        raise PaperCheckpointError(
+            f"{type(sae).__name__} is not a BatchTopK SAE (it has no topk_threshold to estimate)."
+        )
+    if states.dim() != 2 or states.shape[1] != sae.cfg.d_in:
+        raise PaperCheckpointError(
+            f"states must be [n, d_in = {sae.cfg.d_in}] (one head's flattened states); got "
+            f"{tuple(states.shape)}."
+        )
+    n_batches = states.shape[0] // batch_size
+    if batch_size < 1 or n_batches == 0:
+        raise PaperCheckpointError(
+            f"estimating a BatchTopK threshold needs at least one batch of batch_size={batch_size} "
+            f"states; got {states.shape[0]}."
+        )
+    smallest = []
+    with torch.no_grad():
+        for i in range(n_batches):
+            batch = states[i * batch_size : (i + 1) * batch_size].to(sae.device, sae.dtype)
+            codes = sae.encode(batch)  # batch-relative BatchTopK
+            positive = codes[codes > 0]
+            if positive.numel():
+                smallest.append(positive.min().double())
+    if not smallest:
+        raise PaperCheckpointError("no latent was active on these states; cannot estimate a threshold.")
+    threshold = torch.stack(smallest).mean()
+    sae.topk_threshold.copy_(threshold.to(sae.topk_threshold))
+    return float(threshold)
+
+
+class _ThresholdFromData:
+    """Imported BatchTopK SAEs: the threshold starts unknown (NaN), and saving an inference SAE
+    before `estimate_batchtopk_threshold_` is an error instead of a JumpReLU with threshold 0."""
+
+    topk_threshold: Tensor
+
+    def _mark_threshold_unknown(self) -> None:
+        self.topk_threshold.fill_(math.nan)
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        if not math.isfinite(float(self.topk_threshold)):
+            raise PaperCheckpointError(
+                "This BatchTopK SAE was imported from a paper checkpoint, which records no inference "
+                "threshold; saving it as a JumpReLU SAE would use threshold 0 and fire far more than k "
+                "latents per state. Call writesae_lens.saes.estimate_batchtopk_threshold_(sae, states) "
+                "with states of its hook and head first (or keep the batch-relative training SAE: "
+                "save_model)."
+            )
+        super().process_state_dict_for_saving_inference(state_dict)  # type: ignore[misc]
+
+
+class ImportedWriteBatchTopKSAE(_ThresholdFromData, WriteBatchTopKTrainingSAE):
+    """A paper BatchTopK WriteSAE: batch-relative encode; no inference threshold until estimated."""
+
+
+class ImportedBatchTopKSAE(_ThresholdFromData, BatchTopKTrainingSAE):
+    """A paper BatchTopK flat SAE (SAELens' BatchTopK); no inference threshold until estimated."""
 
 
 # ---- per-sae_type conversions (explicit renames, like TransformerLens' weight converters) ----
@@ -297,7 +449,7 @@ def _write_sae(
         sae = WriteJumpReLUSAE(WriteJumpReLUSAEConfig(**shape))
     elif spec.use_batchtopk:
         # b_dec_init="zeros": the imported bias must not be replaced by a first-batch mean
-        sae = WriteBatchTopKTrainingSAE(
+        sae = ImportedWriteBatchTopKSAE(
             WriteBatchTopKTrainingSAEConfig(k=spec.k, b_dec_init="zeros", **shape)
         )
     else:
@@ -312,6 +464,8 @@ def _load_weights(sae: SAE[Any], weights: dict[str, Tensor]) -> None:
     for name, buffer in sae.named_buffers():
         state.setdefault(name, buffer)
     sae.load_state_dict(state)
+    if isinstance(sae, _ThresholdFromData):
+        sae._mark_threshold_unknown()
 
 
 def _convert_bilinear(state: dict[str, Tensor], spec: PaperSAESpec, dtype: str) -> SAE[Any]:
@@ -376,7 +530,7 @@ def _convert_flat(state: dict[str, Tensor], spec: PaperSAESpec, dtype: str) -> S
     }
     sae: SAE[Any]
     if spec.use_batchtopk:
-        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
+        sae = ImportedBatchTopKSAE(BatchTopKTrainingSAEConfig(**common))
     else:
         sae = TopKSAE(TopKSAEConfig(**common))
     _load_weights(sae, weights)
