@@ -1,11 +1,21 @@
 """Many edited continuations of a few passages, batched: the engine of the substitution test.
 
 Per group of passages, one batched native pass from the edited layer (its input was kept by the scan, so earlier
-layers never run again) gives the native next-token distributions where KLs are read and keeps, per passage, cache
-snapshots at the positions its edited rows start from (states only there, from the chunked algebra). Then rows
-(firing x condition), from any number of passages, run together: each row starts from its own snapshot with its edit
-applied, runs only the positions up to where its KL is read, and shares its passage's attention keys instead of
-copying them. Only the final residual at each row's read position goes through the unembedding.
+layers never run again) keeps, per passage, cache snapshots at the positions its edited rows start from (states only
+there, from the chunked algebra). Then rows (firing x condition), from any number of passages, run together: each row
+starts from its own snapshot with its edit applied, runs only the positions up to where its KL is read, and shares
+its passage's attention keys instead of copying them. Only the final residual at each row's read position goes
+through the unembedding.
+
+The native reference (``reference="row"``, the default) is one more row per firing, with no edit, in the same batch as
+the firing's conditions: the reference and the conditions go through the same computation, so rounding that the row
+path adds cancels instead of flooring every KL. The native pass's distribution at the same read position is a second,
+differently computed native distribution: the KL between the two (``kl_floor``) is the run's numerical floor, the size
+of an effect the arithmetic cannot tell from rounding. ``reference="pass"`` is the earlier protocol (the KLs against
+the native pass, no native rows; ``kl_floor`` is then NaN), kept to measure what the change buys.
+
+``precision`` (``tail_precision.py``): ``"float32"`` runs the native pass and the rows from the edited layer on in
+float32 whatever the model's dtype (a float32 or float64 model is used as it is); ``"model"`` in the model's dtype.
 
 Edit timing: ``"after_read"`` adds the edit to the cached state after position t was read, so rows start at t + 1;
 ``"write"`` adds it to the write at t, so rows start at t. ``kl_at``: ``"next"`` reads the KL at the row's first
@@ -23,14 +33,21 @@ from torch import Tensor
 
 from ..hooking.cache import RecurrentCache
 from ..interventions import TIMING_HOOKS, mixer_hook
+from .tail_precision import as_tail_input, check_precision, comparison_model
+
+REFERENCES = ("row", "pass")
+NATIVE = "native"  # the label of a firing's unedited row
 
 
-def check_run_options(timing: str, kl_at: str) -> None:
-    """Clear errors for an unknown edit timing or KL read-out."""
+def check_run_options(timing: str, kl_at: str, precision: str = "float32", reference: str = "row") -> None:
+    """Clear errors for an unknown edit timing, KL read-out, comparison precision or native reference."""
     if timing not in TIMING_HOOKS:
         raise ValueError(f"timing must be one of {sorted(TIMING_HOOKS)}, got {timing!r}")
     if kl_at not in ("next", "end"):
         raise ValueError(f"kl_at must be 'next' or 'end', got {kl_at!r}")
+    check_precision(precision)
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
 
 
 @dataclass
@@ -62,16 +79,24 @@ class EditedRuns:
 
     ``add([(passage, inputs, edits), ...])`` with ``edits[t][condition] = matrix`` queues a group of passages (one
     native pass); after ``finish()``, ``results[(passage, t)]`` holds ``kl_{condition}`` = KL(p_native ||
-    p_condition), ``kl_{condition}_rev``, ``top1_{condition}`` and ``top1_native``.
+    p_condition), ``kl_{condition}_rev``, ``top1_{condition}``, ``top1_native`` and ``kl_floor`` (module docstring).
+    A firing's rows (its native row and its conditions) run in one batch whenever ``batch_size`` holds them.
     """
 
-    def __init__(self, model, layer: int, head: int, timing: str, kl_at: str, batch_size: int, progress=None) -> None:
-        check_run_options(timing, kl_at)
+    def __init__(self, model, layer: int, head: int, timing: str, kl_at: str, batch_size: int, progress=None,
+                 precision: str = "float32", reference: str = "row") -> None:
+        check_run_options(timing, kl_at, precision, reference)
         self.model, self.layer, self.head, self.timing, self.kl_at = model, layer, head, timing, kl_at
+        self.reference = reference
+        self.runner = comparison_model(model, layer, precision)  # what runs from the layer on
+        self.dtype = next(self.runner.blocks[layer].parameters()).dtype
         self.batch_size = max(1, batch_size)
         self.progress = progress  # a tqdm bar advanced by firing positions done, or None
         self.pending: list[_Rows] = []
         self.results: dict[tuple[int, int], dict] = {}
+        # (passage, t) -> (log p, p) of the firing's native row, fp64, until its last condition row is done
+        self._row_natives: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._rows_left: dict[tuple[int, int], int] = {}
 
     def start_position(self, t: int) -> int:
         """The first position an edited row runs: t + 1 after the read, t for a write edit."""
@@ -85,21 +110,33 @@ class EditedRuns:
         """Queue the rows of a group of passages, each ``(passage, inputs, edits)`` with its scan inputs ([pos, ...]
         per stream, the same length for all) and ``edits[t][condition] = matrix``. One native pass runs the group."""
         n_pos = group[0][1]["resid"].shape[0]
+        group = [(passage, self._streams(inputs), edits) for passage, inputs, edits in group]
         starts = [sorted({self.start_position(t) for t in edits}) for _, _, edits in group]
         reads = [sorted({self.read_position(t, n_pos) for t in edits}) for _, _, edits in group]
         snapshot_cache, natives = self._native_pass([inputs for _, inputs, _ in group], starts, reads)
         for row, (passage, inputs, edits) in enumerate(group):
             snapshot_of = {s: i for i, s in enumerate(starts[row])}
             read_of = {r: i for i, r in enumerate(reads[row])}
+            if self.reference == "row":  # the firing's unedited row first, then its conditions
+                edits = {t: {NATIVE: torch.zeros_like(next(iter(edits[t].values()))), **edits[t]} for t in edits}
+                self._rows_left.update({(passage, t): len(edits[t]) - 1 for t in edits})
             rows = [(t, condition) for t in sorted(edits) for condition in edits[t]]
             while rows:
                 room = self.batch_size - self._pending_rows()
-                piece, rows = rows[:room], rows[room:]
+                first_firing = len(edits[rows[0][0]])
+                if first_firing > room and self.pending and first_firing <= self.batch_size:
+                    self._flush()  # keep a firing's rows in one batch: the same computation for all of them
+                    room = self.batch_size
+                # whole firings only, unless a firing alone exceeds batch_size
+                whole = [i + 1 for i in range(min(room, len(rows)))
+                         if i + 1 == len(rows) or rows[i + 1][0] != rows[i][0]]
+                take = whole[-1] if whole else room
+                piece, rows = rows[:take], rows[take:]
                 row_starts = [self.start_position(t) for t, _ in piece]
                 row_reads = [self.read_position(t, n_pos) for t, _ in piece]
                 span = max(r - s for s, r in zip(row_starts, row_reads)) + 1
                 streams = {name: torch.stack([_padded(x[s : s + span], span) for s in row_starts])
-                           for name, x in self._streams(inputs).items()}
+                           for name, x in inputs.items()}
                 which = torch.tensor([snapshot_of[s] for s in row_starts])
                 self.pending.append(_Rows(
                     snapshots=snapshot_cache,
@@ -123,12 +160,13 @@ class EditedRuns:
             self._flush()
 
     def _streams(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The inputs a run from the layer takes: the residual stream and the family's carried streams."""
-        return {name: inputs[name] for name in ("resid", *self.model.carried_streams)}
+        """The inputs a run from the layer takes: the residual stream and the family's carried streams, in the
+        dtype the layers from the edited one on run in."""
+        return {name: as_tail_input(inputs[name], self.dtype) for name in ("resid", *self.model.carried_streams)}
 
     def _logits(self, final_resid: Tensor) -> Tensor:
         """Logits [n, d_vocab] from final residuals [n, d_model]."""
-        return self.model.unembed(self.model.ln_final(final_resid[:, None]))[:, 0]
+        return self.runner.unembed(self.runner.ln_final(final_resid[:, None]))[:, 0]
 
     def _final_logp(self, final_resid: Tensor) -> Tensor:
         """Log-probabilities (fp64, so that KLs of 1e-7 stay positive) from final residuals [n, d_model]."""
@@ -139,8 +177,8 @@ class EditedRuns:
         [batch, n_sel] when given: [batch, n_sel, d_model])."""
         # carried streams are inputs only of runs that start after the first layer (the first computes them)
         carried = {name: streams[name] for name in self.model.carried_streams} if self.layer > 0 else {}
-        return self.model(streams["resid"], start_at_layer=self.layer, stop_at_layer=self.model.cfg.n_layers,
-                          cache=cache, final_positions=final_positions, **carried)
+        return self.runner(streams["resid"], start_at_layer=self.layer, stop_at_layer=self.model.cfg.n_layers,
+                           cache=cache, final_positions=final_positions, **carried)
 
     def _native_pass(self, inputs: list[dict[str, Tensor]], starts: list[list[int]], reads: list[list[int]]):
         """One batched run of the passages from the layer: the cache with every passage's snapshots at its ``starts``
@@ -157,20 +195,18 @@ class EditedRuns:
             natives.append(_NativeReads(logp, logp.exp(), logp.argmax(-1).tolist()))
         return cache, natives
 
-    def _kls(self, batch: list[_Rows], logits: Tensor) -> tuple[list[float], list[float]]:
-        """Both KLs of every row of the batch (rows in order), in blocks of rows (memory and page faults stay small
-        for any vocabulary)."""
+    def _kls(self, logits: Tensor, references: list[tuple[Tensor, Tensor]]) -> tuple[list[float], list[float]]:
+        """KL(reference || row) and KL(row || reference) of each row of ``logits`` [n, d_vocab] against its reference
+        ``(log p, p)`` (fp64 [d_vocab] each), in blocks of rows (memory and page faults stay small for any
+        vocabulary)."""
         block = _kl_block_rows(logits.shape[-1], logits.device)
-        kl, kl_rev, first = [], [], 0
-        for r in batch:
-            index = r.read_index.to(r.native.logp.device)
-            for lo in range(0, len(index), block):
-                at = index[lo : lo + block]
-                rows = logits[first + lo : first + lo + len(at)]
-                forward, reverse = kl_both_directions(r.native.logp[at], r.native.prob[at], rows)
-                kl += forward.tolist()
-                kl_rev += reverse.tolist()
-            first += len(index)
+        kl, kl_rev = [], []
+        for lo in range(0, len(references), block):
+            refs = references[lo : lo + block]
+            forward, reverse = kl_both_directions(torch.stack([r[0] for r in refs]), torch.stack([r[1] for r in refs]),
+                                                  logits[lo : lo + len(refs)])
+            kl += forward.tolist()
+            kl_rev += reverse.tolist()
         return kl, kl_rev
 
     # ---- running a batch ------------------------------------------------------------------------------------------
@@ -194,26 +230,53 @@ class EditedRuns:
                                                    check_invariants=False)
 
             hooks = [(mixer_hook(self.layer, TIMING_HOOKS["write"]), add)]
-        with self.model.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext():  # no hooks: no teardown
+        with self.runner.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext():  # no hooks: no teardown
             final = self._run(streams, cache)
         read_offset = torch.cat([r.read_offset for r in batch]).to(final.device)
         logits = self._logits(final[torch.arange(n_rows, device=final.device), read_offset])  # [rows, d_vocab]
-        top1_native = [r.native.top1[i] for r in batch for i in r.read_index.tolist()]
-        kl, kl_rev = self._kls(batch, logits)
         top1 = logits.argmax(-1).tolist()
-
         labels = [label for r in batch for label in r.labels]
+        # each row's native distribution from the native pass at its read position
+        from_pass = [(r.native, int(i)) for r in batch for i in r.read_index.tolist()]
         done = 0
-        for i, (passage, t, condition) in enumerate(labels):
-            entry = self.results.get((passage, t))
-            if entry is None:
-                entry = self.results[(passage, t)] = {"top1_native": top1_native[i]}
+        for i, (passage, t, _) in enumerate(labels):
+            if (passage, t) not in self.results:
+                self.results[(passage, t)] = {"top1_native": from_pass[i][0].top1[from_pass[i][1]],
+                                              "kl_floor": float("nan")}
                 done += 1
-            entry[f"kl_{condition}"] = kl[i]
-            entry[f"kl_{condition}_rev"] = kl_rev[i]
+        if self.reference == "row":
+            native = [i for i, label in enumerate(labels) if label[2] == NATIVE]
+            for i in native:
+                logp = torch.log_softmax(logits[i].double(), dim=-1)
+                self._row_natives[labels[i][:2]] = (logp, logp.exp())
+                self.results[labels[i][:2]]["top1_native"] = top1[i]
+            # the floor: the native pass's distribution against the native row's (two computations of one thing)
+            floor, floor_rev = self._kls(logits[native], [_pass_read(*from_pass[i]) for i in native])
+            for i, a, b in zip(native, floor, floor_rev):
+                self.results[labels[i][:2]]["kl_floor"] = max(a, b)
+            rows = [i for i, label in enumerate(labels) if label[2] != NATIVE]
+            references = [self._row_natives[labels[i][:2]] for i in rows]
+        else:
+            rows = list(range(n_rows))
+            references = [_pass_read(*from_pass[i]) for i in rows]
+        kl, kl_rev = self._kls(logits[rows], references)
+        for j, i in enumerate(rows):
+            passage, t, condition = labels[i]
+            entry = self.results[(passage, t)]
+            entry[f"kl_{condition}"] = kl[j]
+            entry[f"kl_{condition}_rev"] = kl_rev[j]
             entry[f"top1_{condition}"] = top1[i]
+            if self.reference == "row":
+                self._rows_left[(passage, t)] -= 1
+                if self._rows_left[(passage, t)] == 0:  # the firing is done: its native row is no longer needed
+                    del self._row_natives[(passage, t)], self._rows_left[(passage, t)]
         if self.progress is not None:
             self.progress.update(done)
+
+
+def _pass_read(native: _NativeReads, index: int) -> tuple[Tensor, Tensor]:
+    """``(log p, p)`` of the native pass at one of its read positions."""
+    return native.logp[index], native.prob[index]
 
 
 def _kl_block_rows(d_vocab: int, device: torch.device) -> int:

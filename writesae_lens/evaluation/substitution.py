@@ -29,6 +29,7 @@ from __future__ import annotations
 import numbers
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from ..interventions import atom_matrices, gaussian_rank1, random_alive_atoms
 from .edited_runs import EditedRuns, check_run_options
 from .firings import FiringScan, check_cell, head_states, scan_firings, select_firings
+from .numerical_floor import with_floor_flags
 from .passages import as_passages
 from .records import CONDITIONS, RECORD_COLUMNS, FiringRecord, records_frame
 
@@ -63,6 +65,8 @@ def replacement_test(
     passage_batch_size: int = 8,
     progress: bool = True,
     ignore_sae_metadata: bool = False,
+    precision: Literal["float32", "model"] = "float32",
+    firings=None,
 ) -> pd.DataFrame:
     """Run the substitution protocol on the passages ``tokens``; one record per selected firing.
 
@@ -80,6 +84,17 @@ def replacement_test(
 
     The SAE must encode this model's state shape, and the model, hook and head its metadata records must be these;
     ``ignore_sae_metadata=True`` accepts an SAE of another model, layer or head of the same shape (``check_cell``).
+
+    ``precision``: ``"float32"`` (default) runs the edited layer, the later layers, the final norm and the unembedding
+    in float32 whatever the model's dtype, so that a bfloat16 model's KLs measure the edit and not the rounding (a
+    float32 or float64 model is used as it is); ``"model"`` runs them in the model's dtype. Either way the native
+    reference is an unedited row through the same computation as the conditions, and each record holds
+    ``kl_floor`` (two computations of the native distribution against each other) and ``below_floor`` (a condition
+    KL at or below the run's floor, the largest ``kl_floor``): ``numerical_floor.py``, docs/substitution.md.
+
+    ``firings``: test exactly these ``(passage, position, feature)`` triples (e.g. another run's
+    ``records[["passage", "position", "feature"]]``) instead of sampling; the caps and ``seed``'s sampling are then
+    not used. Each position must have an active feature in this run's scan (the atom is chosen from them).
     """
     if amplitude not in ("natural", "native_norm"):
         raise ValueError(f"amplitude must be 'natural' or 'native_norm', got {amplitude!r}")
@@ -92,12 +107,15 @@ def replacement_test(
         if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
             raise ValueError(f"{name} must be a positive integer or None (no cap), got {value!r}")
     tokens = as_passages(model, tokens)  # [n_passages, n_pos]
-    check_run_options(timing, kl_at)
+    check_run_options(timing, kl_at, precision)
     scan = scan_firings(model, sae, layer, head, tokens, passage_batch_size, progress, keep_inputs=True,
                         ignore_sae_metadata=ignore_sae_metadata)  # the SAE must belong to this model, hook and head
     last = tokens.shape[1] - 1
     excluded = {last} if timing == "after_read" else set()  # an edit after the last read changes no output
-    chosen = select_firings(scan, max_firings_per_feature, max_firings, seed, excluded)
+    if firings is None:
+        chosen = select_firings(scan, max_firings_per_feature, max_firings, seed, excluded)
+    else:
+        chosen = _given_firings(scan, firings, excluded)
     if not chosen:
         raise ValueError(
             f"no firings to test at layer {layer} head {head}: the SAE's code is zero at every usable position "
@@ -114,7 +132,7 @@ def replacement_test(
 
     outcome: dict[tuple[int, int], dict] = {}
     bar = tqdm(total=sum(map(len, positions_by_passage.values())), desc="substitution test", disable=not progress)
-    runs = EditedRuns(model, layer, head, timing, kl_at, batch_size, progress=bar)
+    runs = EditedRuns(model, layer, head, timing, kl_at, batch_size, progress=bar, precision=precision)
     group = []  # passages waiting for their (batched) native pass
     for p, positions in positions_by_passage.items():
         inputs = scan.passage_inputs.pop(p)
@@ -165,12 +183,29 @@ def replacement_test(
     runs.finish()
     bar.close()
 
-    records = []
+    records, floors = [], []
     for p, t, feature in chosen:
         o = {**outcome[(p, t)], **runs.results[(p, t)]}
         records.append(FiringRecord(passage=p, position=t, layer=layer, head=head, feature=feature,
                                     **{name: o[name] for name in RESULT_FIELDS}))
-    return records_frame(records)
+        floors.append(o["kl_floor"])
+    return with_floor_flags(records_frame(records), np.array(floors))
+
+
+def _given_firings(scan: FiringScan, firings, excluded: set[int]) -> list[tuple[int, int, int]]:
+    """The given ``(passage, position, feature)`` triples, checked against the scan, sorted as sampled ones are."""
+    if isinstance(firings, pd.DataFrame):
+        firings = firings[["passage", "position", "feature"]].itertuples(index=False)
+    chosen = sorted({(int(p), int(t), int(f)) for p, t, f in firings})
+    bad = [(p, t) for p, t, _ in chosen if not (0 <= p < scan.n_passages and 0 <= t < scan.n_pos) or t in excluded]
+    if bad:
+        raise ValueError(f"{len(bad)} given firings lie outside the passages or at an excluded position, e.g. "
+                         f"(passage, position) {bad[0]}")
+    silent = sorted({(p, t) for p, t, _ in chosen if len(scan.active_at(p, t)[0]) == 0})
+    if silent:
+        raise ValueError(f"the SAE has no active feature at {len(silent)} of the given positions in this run, e.g. "
+                         f"(passage, position) {silent[0]}; drop them first (scan_firings shows where it fires)")
+    return chosen
 
 
 # what a record holds besides where the firing is: the outcome of testing it
