@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Bool, Float, Int, Shaped
 
+from writesae_lens.evaluation.numerical_floor import FloorSummary, floor_summary
 from writesae_lens.evaluation.records import CONDITIONS, kl_column, validate_records
 
 Z_95 = 1.96
@@ -668,6 +669,7 @@ class SubstitutionSummary:
     strict_chain: Proportion
     kl_scale: tuple[KLScaleRow, ...]
     population: AtomPopulation | None
+    floor: FloorSummary | None = None  # the run's numerical floor, for records that carry kl_floor (numerical_floor.py)
 
 
 def _kl_direction_label(reverse: bool) -> str:
@@ -747,6 +749,7 @@ def summarize(
         strict_chain=strict_chain_rate(kl_atom, kl_delete, kl_random),
         kl_scale=kl_scale_by_layer(table["layer"].to_numpy(), kl_atom, kl_delete, kl_random),
         population=population,
+        floor=floor_summary(table),
     )
 
 
@@ -812,6 +815,12 @@ def format_summary(summary: SubstitutionSummary) -> str:
             f"{level} {_percent_interval(mean.low, mean.high)}, median {_percent(population.median_win_rate)}, "
             f"range {_percent(population.min_win_rate)}-{_percent(population.max_win_rate)}, "
             f"pooled {_percent(population.pooled_win_rate)}"
+        )
+    if summary.floor is not None:
+        floor = summary.floor
+        lines.append(
+            f"  numerical floor (native vs native)   KL {floor.floor:.2g} (median {floor.median:.2g}); "
+            f"{floor.n_below} of {floor.n_firings} firings have a condition KL at or below it"
         )
     lines.append("  median KL ± MAD/sqrt(n):")
     header = ("group", "n", "atom", "delete", "random", "atom:delete:random", "delete/atom", "random/atom")
