@@ -9,16 +9,30 @@ Data: the corpus' train split (scripts/build_corpus.py), tokenized with the ship
 `<|endoftext|>`. Each step takes `--batch` random contiguous blocks of `--ctx` + 1 tokens (seeded generator). AdamW with linear
 warmup then cosine decay to 10% of the peak rate, gradient clipping 1.0, weight decay on matrices only. Held-out loss on fixed
 held-out blocks every `--eval-every` steps. The model folder (save_pretrained + tokenizer + training_log.json) is rewritten at each
-evaluation, so an interrupted run still leaves a loadable checkpoint (its log says finished: false).
+evaluation, so an interrupted run still leaves a loadable model (its log says finished: false), together with
+`checkpoint.pt` (weights, optimizer moments, the batch generator's state, the step and the log), written atomically. `--resume`
+continues such a run from its checkpoint with the arguments it was started with (the same batches, the same learning-rate
+schedule); only `--threads` and `--device` may change. Runs write to `.cache/train/<family>-tiny/` by default (outside the package:
+a model is copied into `writesae_lens/data/models/` by hand once it beats the shipped one, see MODEL_CARD.md).
 
-    python scripts/train_models.py --family qwen35 --steps 3 --measure   # time a few steps, write nothing
-    OMP_NUM_THREADS=1 nice -n 19 python scripts/train_models.py --family qwen35 --steps N
+Decay initialisation (`--decay-init`, Gated DeltaNet only). transformers initialises `dt_bias = 1` and `A ~ U(0.01, 16)`, so at
+initialisation a head keeps `exp(-A softplus(1)) = exp(-1.31 A)` of its state per token: below 0.27 for every head with A > 1,
+i.e. 94 % of heads forget within a token or two, and short training contexts give no reason to learn otherwise (the models of
+the first release kept that regime). `reference` draws the per-token step `dt` log-uniformly in [1e-3, 1e-1] and sets `dt_bias`
+to its inverse softplus, as the reference Gated DeltaNet and Mamba-2 implementations do; with A ~ U(0.01, 16) the initial
+per-token decays `exp(-A dt)` then spread from about 0.2 to 1 (median about 0.92: tens of tokens). Mamba-2 already gets this
+initialisation from transformers.
+
+    python scripts/train_models.py --family qwen35 --steps 3 --ctx 1024 --batch 8 --measure   # time a few steps, write nothing
+    OMP_NUM_THREADS=1 nice -n 19 python scripts/train_models.py --family qwen35 --steps N --ctx 1024 --batch 8
+    OMP_NUM_THREADS=1 nice -n 19 python scripts/train_models.py --family qwen35 --resume    # continue .cache/train/qwen35-tiny
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import json
 import math
 import platform
@@ -32,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / ".cache" / "corpus"
 TOKENIZER = REPO / "writesae_lens" / "data" / "tokenizer"
 MODELS = REPO / "writesae_lens" / "data" / "models"
+TRAIN_DIR = REPO / ".cache" / "train"
 FOLDERS = {"qwen35": "qwen35-tiny", "mamba2": "mamba2-tiny"}
 
 
@@ -75,6 +90,29 @@ def make_config(family: str, vocab_size: int, bos: int, eos: int, pad: int):
             **common,
         )
     raise SystemExit(f"unknown family {family!r}; choose from {sorted(FOLDERS)}")
+
+
+def reference_decay_init(model, generator: torch.Generator, dt_min: float = 1e-3, dt_max: float = 1e-1) -> None:
+    """Set every Gated DeltaNet layer's `dt_bias` to the inverse softplus of a log-uniform step in [dt_min, dt_max] and redraw
+    `A ~ U(0.01, 16)` (seeded by `generator`), so that the initial per-token decay exp(-A softplus(dt_bias)) = exp(-A dt)."""
+    layers = [m for m in model.modules() if hasattr(m, "A_log") and hasattr(m, "dt_bias")]
+    if not layers:
+        raise SystemExit("--decay-init reference: the model has no layer with A_log and dt_bias")
+    with torch.no_grad():
+        for layer in layers:
+            n = layer.dt_bias.numel()
+            log_dt = torch.rand(n, generator=generator) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+            dt = log_dt.exp()  # [head]
+            layer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) == dt
+            layer.A_log.copy_((torch.rand(n, generator=generator) * (16 - 0.01) + 0.01).log())
+
+
+def save_checkpoint(path: Path, model, opt, gen: torch.Generator, step: int, log: dict) -> None:
+    """Everything a resumed run needs, written to a temporary file first so that a kill never leaves half a checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step}
+    torch.save(state | {"log": log}, tmp)
+    os.replace(tmp, path)
 
 
 def load_tokens(split: str, tokenizer) -> torch.Tensor:
@@ -132,7 +170,7 @@ def save(model, tokenizer, out: Path, log: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", required=True, choices=sorted(FOLDERS))
-    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--steps", type=int, default=None, help="total steps (required unless --resume)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--ctx", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -143,9 +181,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-blocks", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=None, help="default writesae_lens/data/models/<family>-tiny")
+    parser.add_argument(
+        "--decay-init", choices=["transformers", "reference"], default="reference",
+        help="Gated DeltaNet dt_bias / A_log initialisation (see the module docstring); ignored for mamba2",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default .cache/train/<family>-tiny")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     parser.add_argument("--measure", action="store_true", help="time --steps steps and exit without saving")
     args = parser.parse_args(argv)
+    out = args.out or TRAIN_DIR / FOLDERS[args.family]
+    resumed = None
+    if args.resume:
+        ckpt_path = out / "checkpoint.pt"
+        if not ckpt_path.exists():
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+        resumed = torch.load(ckpt_path, weights_only=False)
+        saved = resumed["log"]["args"]
+        keep = {"threads": args.threads, "device": args.device}
+        args = argparse.Namespace(**{**saved, **keep, "out": out, "resume": True, "measure": False})
+        print(f"resuming {out} at step {resumed['step']}/{args.steps}", flush=True)
+    elif args.steps is None:
+        parser.error("--steps is required unless --resume")
+    elif not args.measure and (out / "checkpoint.pt").exists():
+        raise SystemExit(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -154,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     config = make_config(args.family, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    model = AutoModelForCausalLM.from_config(config).to(args.device)
+    model = AutoModelForCausalLM.from_config(config)
+    if args.family == "qwen35" and args.decay_init == "reference":
+        reference_decay_init(model, torch.Generator().manual_seed(args.seed + 1))
+    model = model.to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.family}: {type(model).__name__}, {n_params:,} parameters", flush=True)
 
@@ -174,7 +235,6 @@ def main(argv: list[str] | None = None) -> None:
         betas=(0.9, 0.95),
     )
     gen = torch.Generator().manual_seed(args.seed)
-    out = args.out or MODELS / FOLDERS[args.family]
     log = {
         "family": args.family,
         "model_class": type(model).__name__,
@@ -198,10 +258,19 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_loss": [],  # [step, loss]
         "finished": False,
     }
+    first_step, seconds_before = 0, 0.0
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        gen.set_state(resumed["generator"])
+        first_step = resumed["step"]
+        log = resumed["log"]
+        log.setdefault("resumed_at", []).append(first_step)
+        seconds_before = log.get("train_seconds", 0.0)
     model.train()
     start = time.time()
     running, n_running = 0.0, 0
-    for step in range(args.steps):
+    for step in range(first_step, args.steps):
         starts = torch.randint(0, len(train_tokens) - span, (args.batch,), generator=gen)
         x = torch.stack([train_tokens[s : s + span] for s in starts.tolist()]).long().to(args.device)
         for group in opt.param_groups:
@@ -219,10 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         last = step + 1 == args.steps
         if (step + 1) % 50 == 0 or last:
             elapsed = time.time() - start
+            per_step = elapsed / (step + 1 - first_step)
             log["train_loss"].append([step + 1, round(running / n_running, 4)])
             print(
                 f"step {step + 1}/{args.steps} loss {running / n_running:.3f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{elapsed / (step + 1):.2f} s/step, eta {elapsed / (step + 1) * (args.steps - step - 1) / 60:.1f} min",
+                f"{per_step:.2f} s/step, eta {per_step * (args.steps - step - 1) / 60:.1f} min",
                 flush=True,
             )
             running, n_running = 0.0, 0
@@ -230,10 +300,11 @@ def main(argv: list[str] | None = None) -> None:
             held = heldout_loss(model, held_blocks, args.batch)
             log["heldout_loss"].append([step + 1, round(held, 4)])
             log["steps_done"] = step + 1
-            log["train_seconds"] = round(time.time() - start, 1)
+            log["train_seconds"] = round(seconds_before + time.time() - start, 1)
             log["finished"] = last
             print(f"  heldout loss {held:.3f} (ppl {math.exp(held):.1f}); saved {out}", flush=True)
             save(model, tokenizer, out, log)
+            save_checkpoint(out / "checkpoint.pt", model, opt, gen, step + 1, log)
     if args.measure:
         print(f"{(time.time() - start) / args.steps:.2f} s/step with {args.threads} thread(s)")
 
