@@ -10,11 +10,14 @@ Parameters (d_sae = F latents, rank R):
         bilinear, tied:   none (the decoder factors are used)
         dense:            W_enc_dense [d_in, F]
 
-`W_enc` ([d_in, F]) and `W_dec` ([F, d_in]) are read-only properties that materialise the dense
+`W_enc` ([d_in, F]) and `W_dec` ([F, d_in]) are properties that materialise the dense
 equivalents for tools that read them (SAELens evals, dashboards). Decoding never uses `W_dec`
 while codes are sparse; it gathers the factors of the active atoms (`factored.decode_code`).
+A write into a materialised `W_dec` / `W_enc` could not reach the factors: it is detected at the
+SAE's next use and raises `MaterialisedWriteError` (see `materialised.py`).
 """
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from writesae_lens.ops.finite import all_finite
-from writesae_lens.saes import factored
+from writesae_lens.saes import factored, materialised
 from writesae_lens.saes.saving import write_folder_atomically
 
 
@@ -36,6 +39,9 @@ class WriteSAEBase:
     """
 
     cfg: Any
+    # True only inside a TopK-family training step: the code's gradient is then needed on active
+    # entries only (TopK's backward reads nothing else), which spares one [n, d_in] x [d_in, d_sae] GEMM
+    _active_code_gradient_only: bool = False
     b_enc: nn.Parameter
     b_dec: nn.Parameter
     W_dec_key: nn.Parameter
@@ -76,10 +82,22 @@ class WriteSAEBase:
 
     @property
     def W_enc(self) -> Float[Tensor, "d_in d_sae"]:
-        """The encoder as a dense [d_in, d_sae] matrix (materialised for bilinear encoders)."""
+        """The encoder as a dense [d_in, d_sae] matrix (materialised for bilinear encoders).
+
+        For a dense encoder this is the parameter itself, and writes take effect. For a bilinear
+        encoder it is rebuilt from W_enc_key / W_enc_value: edit those; a write into the returned
+        tensor raises MaterialisedWriteError at the SAE's next use.
+        """
         if self.cfg.encoder_kind == "dense":
             return self.W_enc_dense
-        return self.encoder_weight().T
+        materialised.check_unmodified(self)
+        return materialised.hand_out(self, "W_enc", self.encoder_weight().T)
+
+    @W_enc.setter
+    def W_enc(self, value: Any) -> None:
+        if self.cfg.encoder_kind == "dense":
+            raise AttributeError(materialised.assignment_message("W_enc", dense_name="W_enc_dense"))
+        raise AttributeError(materialised.assignment_message("W_enc"))
 
     def encoder_weight(self) -> Float[Tensor, "d_sae d_in"]:
         """The encoder in nn.Linear layout: pre-activations = linear(sae_in, this, b_enc)."""
@@ -89,8 +107,37 @@ class WriteSAEBase:
 
     @property
     def W_dec(self) -> Float[Tensor, "d_sae d_in"]:
-        """Every atom flattened, [d_sae, d_in]. Materialised on each access; not used to decode."""
-        return factored.materialize_atoms(self.W_dec_key, self.W_dec_value).flatten(1, 2)
+        """Every atom flattened, [d_sae, d_in]. Materialised on each access; not used to decode.
+
+        Differentiable (gradients reach the factors). Writes into it cannot reach the factors:
+        they raise MaterialisedWriteError at the SAE's next use; edit W_dec_key / W_dec_value
+        (or use `set_atoms_`).
+        """
+        materialised.check_unmodified(self)
+        atoms = factored.materialize_atoms(self.W_dec_key, self.W_dec_value).flatten(1, 2)
+        return materialised.hand_out(self, "W_dec", atoms)
+
+    @W_dec.setter
+    def W_dec(self, value: Any) -> None:
+        raise AttributeError(materialised.assignment_message("W_dec"))
+
+    @torch.no_grad()
+    def set_atoms_(
+        self, indices: Tensor | list[int] | int, atoms: Float[Tensor, "*n d_in"], *, atol: float = 1e-5
+    ) -> None:
+        """Write decoder atoms (flattened [d_k, d_v] matrices) into the factors, in place.
+
+        Each atom is factorised by a truncated SVD of rank `cfg.rank`; an atom whose rank is
+        higher than that (relative residual above `atol`) is refused, since the factored
+        decoder cannot hold it. Zero atoms give zero factors.
+        """
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.W_dec_key.device).reshape(-1)
+        atoms = torch.as_tensor(atoms).to(self.W_dec_key).reshape(index.numel(), self.cfg.d_in)
+        keys, values = factored.atom_factors(
+            factored.states_as_matrices(atoms, self.cfg.d_k, self.cfg.d_v), self.cfg.rank, atol=atol
+        )
+        self.W_dec_key.data[index] = keys
+        self.W_dec_value.data[index] = values
 
     @property
     def b_dec_matrix(self) -> Float[Tensor, "d_k d_v"]:
@@ -129,6 +176,7 @@ class WriteSAEBase:
 
     def _hidden_pre(self, x: Tensor) -> Tensor:
         """Validated input -> SAELens input processing -> encoder pre-activations [..., d_sae]."""
+        materialised.check_unmodified(self)
         self._check_states(x)
         sae_in = self.process_sae_in(x)  # [..., d_in]; minus b_dec if apply_b_dec_to_input
         hidden_pre = torch.nn.functional.linear(sae_in, self.encoder_weight(), self.b_enc)
@@ -145,11 +193,16 @@ class WriteSAEBase:
                 f"decode expects feature activations with d_sae = {self.cfg.d_sae} on the last "
                 f"axis, got shape {tuple(feature_acts.shape)}."
             )
+        materialised.check_unmodified(self)
         if feature_acts.is_sparse:
             feature_acts = feature_acts.to_dense()
         leading = feature_acts.shape[:-1]
         rows = feature_acts.reshape(-1, self.cfg.d_sae)
-        matrices = factored.decode_code(rows, self.W_dec_key, self.W_dec_value)  # [n, d_k, d_v]
+        matrices = factored.decode_code(  # [n, d_k, d_v]
+            rows, self.W_dec_key, self.W_dec_value,
+            max_active_fraction=factored.SPARSE_DECODE_MAX_ACTIVE_FRACTION,
+            active_code_gradient_only=self._active_code_gradient_only,
+        )
         return factored.matrices_as_states(matrices).reshape(*leading, self.cfg.d_in)
 
     def decode(self, feature_acts: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_in"]:
@@ -209,9 +262,37 @@ class WriteSAEBase:
     def save_model(self, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
         """Save weights and config like SAELens, into a folder written atomically.
 
-        An existing non-empty folder is refused unless overwrite=True.
+        An existing non-empty folder is refused unless overwrite=True, except for the
+        checkpoint folders SAELens' trainer names itself (see `_saving_a_trainer_checkpoint`).
         """
+        materialised.check_unmodified(self)
+        overwrite = overwrite or _saving_a_trainer_checkpoint()
         return _save_atomically(super().save_model, path, overwrite)  # type: ignore[misc]
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        materialised.check_unmodified(self)
+        return super().state_dict(*args, **kwargs)  # type: ignore[misc]
+
+
+def _saving_a_trainer_checkpoint() -> bool:
+    """True when called from SAELens' `SAETrainer.save_checkpoint`.
+
+    The trainer writes checkpoints into folders it names itself (`checkpoint_path/<samples>`,
+    `final_<samples>`) and, with its own SAEs, replaces them when a run is repeated; WriteSAEs
+    follow that there. Folders the user names (`save_model(path)`, the runner's `output_path`)
+    keep the no-overwrite rule.
+    """
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    code = SAETrainer.save_checkpoint.__code__
+    frame = sys._getframe(1)
+    for _ in range(8):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+    return False
 
 
 def _save_atomically(save_into: Any, path: str | Path, overwrite: bool) -> tuple[Path, Path]:

@@ -25,9 +25,12 @@ class WriteBatchTopKTrainingSAEConfig(WriteTopKTrainingSAEConfig):
     """Training config. k is the mean number of active latents per state over a batch.
 
     Args:
+        k: mean active latents per state; as in SAELens it may be fractional (a batch of n
+            states keeps int(k * n) latents).
         topk_threshold_lr: step of the running-threshold moving average (SAELens default 0.01).
     """
 
+    k: float = 32
     topk_threshold_lr: float = 0.01
 
     @classmethod

@@ -94,7 +94,14 @@ def validate_shape_fields(cfg: Any) -> None:
             f"it needs encoder_kind='bilinear' (got {cfg.encoder_kind!r})."
         )
     k = getattr(cfg, "k", None)
-    if k is not None and (not isinstance(k, int) or not 1 <= k <= cfg.d_sae):
+    if k is not None and cfg.architecture() == "write_batchtopk":
+        # BatchTopK keeps int(k * n) latents of a batch of n: k is a mean and may be fractional
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= cfg.d_sae:
+            raise ValueError(
+                f"WriteSAE config: k must be a number (mean active latents per state) with "
+                f"0 < k <= d_sae = {cfg.d_sae}, got {k!r}."
+            )
+    elif k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cfg.d_sae):
         raise ValueError(
             f"WriteSAE config: k must be an integer with 1 <= k <= d_sae = {cfg.d_sae}, got {k!r}."
         )

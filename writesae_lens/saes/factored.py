@@ -77,6 +77,32 @@ def normalize_factor_rows_(factors: Float[Tensor, "d_sae rank d"], eps: float = 
     factors.div_(norms.clamp(min=eps))
 
 
+@torch.no_grad()
+def atom_factors(
+    atoms: Float[Tensor, "n d_k d_v"], rank: int, atol: float = 1e-5
+) -> tuple[Float[Tensor, "n rank d_k"], Float[Tensor, "n rank d_v"]]:
+    """Factors (p, q) with sum_r p_r q_r^T = atom, from a truncated SVD; the singular value goes
+    to the key side (value factors are unit vectors). Raises ValueError when an atom's rank
+    exceeds `rank` (relative Frobenius residual above `atol`)."""
+    left, singular, right_t = torch.linalg.svd(atoms.double(), full_matrices=False)
+    usable = min(rank, singular.shape[-1])
+    keys = atoms.new_zeros(atoms.shape[0], rank, atoms.shape[1])
+    values = atoms.new_zeros(atoms.shape[0], rank, atoms.shape[2])
+    keys[:, :usable] = (left[:, :, :usable] * singular[:, None, :usable]).transpose(1, 2).to(atoms.dtype)
+    values[:, :usable] = right_t[:, :usable, :].to(atoms.dtype)
+    residual = singular[:, usable:].pow(2).sum(-1).sqrt()
+    norms = singular.pow(2).sum(-1).sqrt().clamp(min=1e-30)
+    too_high = residual / norms > atol
+    if bool(too_high.any()):
+        worst = int(too_high.nonzero()[0])
+        raise ValueError(
+            f"atom {worst} (of those given) has rank above {rank}: relative residual "
+            f"{float(residual[worst] / norms[worst]):.3g} after a rank-{rank} truncation. A WriteSAE "
+            f"of rank {rank} can only hold atoms of rank <= {rank}."
+        )
+    return keys, values
+
+
 def count_active_per_row(code: Float[Tensor, "n d_sae"]) -> int:
     """The largest number of non-zero latents in any row (0 for an empty batch)."""
     if code.shape[0] == 0:
@@ -121,26 +147,95 @@ def decode_active_atoms(
     return torch.bmm(scaled_keys.transpose(1, 2), active_values)  # [n, d_k, d_v]
 
 
+class _SparseFactoredDecode(torch.autograd.Function):
+    """sum_j c_j A_{idx_j} from the gathered active atoms, with the gradient of the full dense product.
+
+    Forward touches only the active atoms. Backward returns the factors' gradients (only active atoms
+    have non-zero ones, exactly as in the dense product) and d out / d code for *every* latent,
+    <G_n, A_i> = sum_r p_{i,r}^T G_n q_{i,r}, so the gradient does not depend on the decode path
+    (inactive latents matter for JumpReLU thresholds, attribution and error-term gradients).
+    With `active_code_gradient_only` the code's gradient is formed on the active entries alone
+    (zero elsewhere); that is exact for callers whose code came out of a TopK / BatchTopK
+    selection, whose backward reads only those entries.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        code: Tensor,
+        atom_indices: Tensor,
+        key_factors: Tensor,
+        value_factors: Tensor,
+        active_code_gradient_only: bool,
+    ) -> Tensor:
+        coefficients = code.gather(-1, atom_indices)
+        return decode_active_atoms(coefficients, atom_indices, key_factors, value_factors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        code, atom_indices, key_factors, value_factors, active_only = inputs
+        ctx.save_for_backward(code.gather(-1, atom_indices), atom_indices, key_factors, value_factors)
+        ctx.active_only = active_only
+        ctx.code_dtype = code.dtype
+        ctx.d_sae = code.shape[-1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        coefficients, atom_indices, key_factors, value_factors = ctx.saved_tensors
+        n_rows, n_active = atom_indices.shape
+        d_sae, rank, d_k = key_factors.shape
+        d_v = value_factors.shape[2]
+        grad_out = grad_out.to(key_factors.dtype)  # [n, d_k, d_v]
+        flat = atom_indices.flatten()
+        active_keys = key_factors.index_select(0, flat).view(n_rows, n_active * rank, d_k)
+        active_values = value_factors.index_select(0, flat).view(n_rows, n_active * rank, d_v)
+        # G q and G^T p for every active (atom, rank) pair: [n, n_active * rank, d_k] / [..., d_v]
+        g_values = torch.bmm(active_values, grad_out.transpose(1, 2))
+        g_keys = torch.bmm(active_keys, grad_out)
+        grad_code = grad_keys = grad_values = None
+        if ctx.needs_input_grad[0]:
+            if ctx.active_only:
+                per_active = (g_values * active_keys).sum(-1).view(n_rows, n_active, rank).sum(-1)
+                grad_code = per_active.new_zeros(n_rows, ctx.d_sae).scatter(-1, atom_indices, per_active)
+            else:  # every latent: linear(vec(G), atoms), one GEMM against the materialised atoms
+                atoms = bilinear_filters(key_factors, value_factors)  # [d_sae, d_in]
+                grad_code = grad_out.flatten(1) @ atoms.T  # [n, d_sae]
+            grad_code = grad_code.to(ctx.code_dtype)
+        scale = coefficients.to(key_factors.dtype).repeat_interleave(rank, dim=1)[:, :, None]
+        if ctx.needs_input_grad[2]:
+            contributions = (g_values * scale).reshape(n_rows * n_active, rank, d_k)
+            grad_keys = torch.zeros_like(key_factors).index_add_(0, flat, contributions)
+        if ctx.needs_input_grad[3]:
+            contributions = (g_keys * scale).reshape(n_rows * n_active, rank, d_v)
+            grad_values = torch.zeros_like(value_factors).index_add_(0, flat, contributions)
+        return grad_code, None, grad_keys, grad_values, None
+
+
 def decode_code(
     code: Float[Tensor, "n d_sae"],
     key_factors: Float[Tensor, "d_sae rank d_k"],
     value_factors: Float[Tensor, "d_sae rank d_v"],
     max_active_fraction: float = SPARSE_DECODE_MAX_ACTIVE_FRACTION,
+    active_code_gradient_only: bool = False,
 ) -> Float[Tensor, "n d_k d_v"]:
     """sum_i code[n, i] A_i for a dense-layout code, without the decoder bias.
 
     TopK codes have at most k non-zeros per row, so this gathers the active atoms and runs
     `decode_active_atoms`. A code dense enough that the gathered factors would cost more than
     the atoms themselves (a JumpReLU SAE at high L0, or the dead-latent auxiliary code) goes
-    through the materialised atoms instead; both paths give the same sum.
+    through the materialised atoms instead; both paths give the same sum and the same gradients
+    (those of `code @ W_dec`, for every latent; see `_SparseFactoredDecode`).
+    `active_code_gradient_only=True` limits the code's gradient to its non-zero entries on the
+    sparse path, which is exact when the code is the output of a TopK-style selection.
     """
     n_rows, d_sae = code.shape
     rank, d_k, d_v = key_factors.shape[1], key_factors.shape[2], value_factors.shape[2]
     n_active = count_active_per_row(code)
-    if n_active == 0:
-        return code.new_zeros(n_rows, d_k, d_v, dtype=key_factors.dtype)
     if n_active * rank > max_active_fraction * d_sae:
         atoms = materialize_atoms(key_factors, value_factors).flatten(1, 2)  # [d_sae, d_in]
         return (code.to(atoms.dtype) @ atoms).unflatten(-1, (d_k, d_v))
-    coefficients, atom_indices = active_atoms_of_code(code, n_active)
-    return decode_active_atoms(coefficients, atom_indices, key_factors, value_factors)
+    if n_active == 0 and not (torch.is_grad_enabled() and code.requires_grad):
+        return code.new_zeros(n_rows, d_k, d_v, dtype=key_factors.dtype)
+    n_active = max(n_active, 1)  # an all-zero code still carries d out / d code
+    _, atom_indices = active_atoms_of_code(code.detach(), n_active)
+    return _SparseFactoredDecode.apply(code, atom_indices, key_factors, value_factors, active_code_gradient_only)

@@ -12,7 +12,7 @@ from typing import Any, no_type_check
 
 import torch
 from jaxtyping import Float, Int
-from sae_lens.saes.jumprelu_sae import JumpReLU, Step
+from sae_lens.saes.jumprelu_sae import JumpReLU, Step, calculate_pre_act_loss
 from sae_lens.saes.sae import (
     SAE,
     SAEConfig,
@@ -84,6 +84,13 @@ class WriteJumpReLUTrainingSAEConfig(WriteTrainingFields, TrainingSAEConfig):
             (SAELens option; False = gradient to the threshold only, as in the paper).
         l0_coefficient: weight of the L0 penalty (paper run: 1e-5; code default 1e-3).
         l0_warm_up_steps: linear warm-up of that weight (SAELens coefficient schedule).
+        jumprelu_sparsity_loss_mode: SAELens' sparsity penalties: "step" (the L0 count through
+            the straight-through Step, the paper's), "tanh" (sum_i tanh(c * a_i * ||A_i||_F),
+            c = jumprelu_tanh_scale) or "quadratic" (2 / target_l0 * (L0 - target_l0)^2).
+        jumprelu_tanh_scale: c of the tanh penalty (SAELens default 4).
+        target_l0: the L0 the quadratic penalty pulls towards (required for "quadratic").
+        pre_act_loss_coefficient: SAELens' pre-activation loss on dead latents,
+            coefficient * mean_batch sum_i relu(theta_i - z_i) * dead_i * ||A_i||_F; None = off.
     """
 
     jumprelu_init_threshold: float = 1e-3
@@ -91,10 +98,39 @@ class WriteJumpReLUTrainingSAEConfig(WriteTrainingFields, TrainingSAEConfig):
     jumprelu_ste_to_input: bool = False
     l0_coefficient: float = 1e-3
     l0_warm_up_steps: int = 0
+    jumprelu_sparsity_loss_mode: str = "step"
+    jumprelu_tanh_scale: float = 4.0
+    target_l0: float | None = None
+    pre_act_loss_coefficient: float | None = None
+
+    def __post_init__(self) -> None:
+        _validate_sparsity_loss(self)
+        super().__post_init__()
 
     @classmethod
     def architecture(cls) -> str:
         return "write_jumprelu"
+
+
+SPARSITY_LOSS_MODES = ("step", "tanh", "quadratic")
+
+
+def _validate_sparsity_loss(cfg: Any) -> None:
+    mode = cfg.jumprelu_sparsity_loss_mode
+    if mode not in SPARSITY_LOSS_MODES:
+        raise ValueError(
+            f"WriteSAE config: jumprelu_sparsity_loss_mode must be one of {SPARSITY_LOSS_MODES}, "
+            f"got {mode!r}."
+        )
+    if not (isinstance(cfg.jumprelu_bandwidth, (int, float)) and cfg.jumprelu_bandwidth > 0):
+        raise ValueError(
+            f"WriteSAE config: jumprelu_bandwidth must be a positive number, got {cfg.jumprelu_bandwidth!r}."
+        )
+    if mode == "quadratic" and (cfg.target_l0 is None or not 0 < cfg.target_l0 <= cfg.d_sae):
+        raise ValueError(
+            "WriteSAE config: jumprelu_sparsity_loss_mode='quadratic' needs target_l0 with "
+            f"0 < target_l0 <= d_sae = {cfg.d_sae}, got {cfg.target_l0!r}."
+        )
 
 
 class WriteJumpReLUTrainingSAE(WriteTrainingSAEBase, TrainingSAE[WriteJumpReLUTrainingSAEConfig]):
@@ -104,6 +140,7 @@ class WriteJumpReLUTrainingSAE(WriteTrainingSAEBase, TrainingSAE[WriteJumpReLUTr
 
     def __init__(self, cfg: WriteJumpReLUTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
+        self.bandwidth = cfg.jumprelu_bandwidth  # SAELens' attribute name
 
     def initialize_weights(self) -> None:
         super().initialize_weights()
@@ -130,10 +167,25 @@ class WriteJumpReLUTrainingSAE(WriteTrainingSAEBase, TrainingSAE[WriteJumpReLUTr
         hidden_pre: Tensor,
         sae_out: Tensor,
     ) -> dict[str, Tensor]:
-        n_above = Step.apply(
-            hidden_pre, self.threshold, self.cfg.jumprelu_bandwidth, self.cfg.jumprelu_ste_to_input
-        ).sum(dim=-1)  # [n]
-        return {"l0_loss": (step_input.coefficients["l0"] * n_above).mean()}
+        """The sparsity penalty of cfg.jumprelu_sparsity_loss_mode (and the pre-activation loss)."""
+        cfg = self.cfg
+        mode = cfg.jumprelu_sparsity_loss_mode
+        if mode == "tanh":
+            scaled = cfg.jumprelu_tanh_scale * feature_acts * self.atom_norms()
+            per_state = torch.tanh(scaled).sum(dim=-1)  # [n]
+        else:
+            per_state = Step.apply(  # the number of active latents, [n]
+                hidden_pre, self.threshold, cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input
+            ).sum(dim=-1)
+            if mode == "quadratic":
+                per_state = 2 / cfg.target_l0 * (per_state - cfg.target_l0) ** 2
+        losses = {"l0_loss": (step_input.coefficients["l0"] * per_state).mean()}
+        if cfg.pre_act_loss_coefficient is not None:
+            losses["pre_act_loss"] = calculate_pre_act_loss(
+                cfg.pre_act_loss_coefficient, self.threshold, hidden_pre,
+                step_input.dead_neuron_mask, self.atom_norms(),
+            )
+        return losses
 
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
         return {

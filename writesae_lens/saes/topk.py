@@ -15,6 +15,7 @@ from sae_lens.saes.sae import (
     TrainingSAE,
     TrainingSAEConfig,
     TrainStepInput,
+    TrainStepOutput,
 )
 from sae_lens.saes.topk_sae import TopK
 from torch import Tensor
@@ -64,11 +65,14 @@ class WriteTopKTrainingSAEConfig(WriteTrainingFields, TrainingSAEConfig):
         k: active latents per state (paper: 32).
         aux_k: dead latents used by the auxiliary loss; None = SAELens' d_in // 2 (paper: 256).
         aux_loss_coefficient: weight of the auxiliary loss (SAELens and the paper's code: 1.0).
+        use_sparse_activations: SAELens option: the TopK activation returns a sparse COO code
+            (decoding densifies it and gathers the active atoms either way).
     """
 
     k: int = DEFAULT_K
     aux_k: int | None = None
     aux_loss_coefficient: float = 1.0
+    use_sparse_activations: bool = False
 
     @classmethod
     def architecture(cls) -> str:
@@ -82,7 +86,26 @@ class WriteTopKTrainingSAE(WriteTrainingSAEBase, TrainingSAE[WriteTopKTrainingSA
         super().__init__(cfg, use_error_term)
 
     def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
-        return TopK(self.cfg.k)
+        return TopK(self.cfg.k, use_sparse_activations=self.cfg.use_sparse_activations)
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        # the codes decoded in a training step come out of a TopK selection, whose backward reads
+        # the code's gradient on the selected entries only: form it there alone (exact, cheaper)
+        self._active_code_gradient_only = True
+        try:
+            return super().training_forward_pass(step_input)
+        finally:
+            self._active_code_gradient_only = False
+
+    def calculate_topk_aux_loss(
+        self,
+        sae_in: Tensor,
+        sae_out: Tensor,
+        hidden_pre: Tensor,
+        dead_neuron_mask: Tensor | None,
+    ) -> Tensor:
+        """SAELens' name for the dead-latent auxiliary loss (see `topk_aux_loss`)."""
+        return self.topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)
 
     def encode_with_hidden_pre(
         self, x: Float[Tensor, "*batch d_in"]
