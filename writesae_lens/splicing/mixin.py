@@ -66,7 +66,9 @@ class HookedSAEMixin:
 
     def reset_saes(self, act_names: str | Sequence[str] | None = None) -> None:
         """Remove the SAEs at these splice names (or every head's SAE of a hook name); all of them by default."""
-        names = [act_names] if isinstance(act_names, str) else list(self._sae_splices if act_names is None else act_names)
+        if act_names is None:
+            act_names = list(self._sae_splices)
+        names = [act_names] if isinstance(act_names, str) else list(act_names)
         for name in names:
             keys = [key for key, splice in self._sae_splices.items() if name in (key, splice.hook_name)]
             if not keys:
@@ -179,7 +181,8 @@ class HookedSAEMixin:
                     "metadata.hook_head_index would encode each head with one head's dictionary. Set "
                     "sae.cfg.metadata.hook_head_index to the head it was trained on")
             if not 0 <= int(head) < self.cfg.n_heads:
-                raise ValueError(f"hook_head_index {head} is out of range for {hook_name}: heads 0..{self.cfg.n_heads - 1}")
+                raise ValueError(f"hook_head_index {head} is out of range for {hook_name}: heads "
+                                 f"0..{self.cfg.n_heads - 1}")
             check_sae_shape(sae, self.cfg.d_k, self.cfg.d_v, where=f"{hook_name}")
             mode = "read" if mode is None else mode
             if mode not in STATE_MODES:

@@ -4,9 +4,10 @@
 and is itself a module whose children are hook points, so the model's ``setup()`` names them under the hook it is
 spliced into:
 
-    plain SAE on ``hook``                  ->  ``{hook}.hook_sae_input``, ``.hook_sae_acts_pre``, ``.hook_sae_acts_post``,
-                                               ``.hook_sae_recons``, ``.hook_sae_error``, ``.hook_sae_output``
-    head-indexed SAE on ``hook``, head h   ->  ``{hook}.head{h}.hook_sae_input``, ... (same six names)
+    plain SAE on ``hook``                 ->  ``{hook}.hook_sae_input``, ``.hook_sae_acts_pre``,
+                                              ``.hook_sae_acts_post``, ``.hook_sae_recons``, ``.hook_sae_error``,
+                                              ``.hook_sae_output``
+    head-indexed SAE on ``hook``, head h  ->  ``{hook}.head{h}.hook_sae_input``, ... (same six names)
 
 The first four are the SAE's own hook points (they fire inside its ``encode`` / ``decode``); ``hook_sae_error`` and
 ``hook_sae_output`` belong to the splice, which computes the error term itself. With ``use_error_term`` the output is
