@@ -11,7 +11,9 @@ per group of prompts from the perturbed layer keeps cache snapshots at every t0 
 of rows (prompt, M) per horizon run from their snapshot, in two steps: position t0 alone with the read edited through
 ``hook_read``, then the state edited in the cache and positions t0+1..t. No prefix is re-run and no cache is copied.
 The unperturbed logits come from rows with ``M = 0`` through the same computation, so any rounding the row path adds
-cancels in the shifts. The first-order shift is the forward-mode JVP (dual numbers, ``torch.autograd.forward_ad``)
+cancels in the shifts. The native passes and the rows run the perturbed layer, the later layers, the final norm and the
+unembedding in float32 whatever the model's dtype (``precision="float32"``, ``tail_precision.py``): a bfloat16 model's
+logits are rounded at about 0.03 for logits near 10, far above the shifts the closed form predicts (issue #18). The first-order shift is the forward-mode JVP (dual numbers, ``torch.autograd.forward_ad``)
 of the same computation at ``M = 0`` along ``M``
 (attention through the math kernel there: the fused CPU kernel has no forward-mode derivative).
 """
@@ -29,6 +31,7 @@ from ..hooking.cache import RecurrentCache
 from ..interventions import mixer_hook
 from ..ops.precision import upcast
 from .firings import capture_until
+from .tail_precision import as_tail_input, comparison_model
 
 
 @dataclass
@@ -44,8 +47,10 @@ class StatePerturbations:
     """The engine. ``tokens`` ``[n_prompts, n_pos]`` (equal lengths); the logits are read at ``t = n_pos - 1``."""
 
     def __init__(self, model, layer: int, head: int, tokens: Tensor, horizons: list[int],
-                 passage_batch_size: int = 8) -> None:
+                 passage_batch_size: int = 8, precision: str = "float32") -> None:
         self.model, self.layer, self.head = model, layer, head
+        self.runner = comparison_model(model, layer, precision)  # what runs from the layer on
+        self.dtype = next(self.runner.blocks[layer].parameters()).dtype
         self.tokens = tokens
         self.t = tokens.shape[1] - 1
         self.horizons = sorted(set(horizons))
@@ -67,7 +72,7 @@ class StatePerturbations:
             got = capture_until(model, self.tokens[start : start + self.passage_batch_size],
                                 [*names.values(), *streams.values()], mixer_hook(layer, "hook_read"))
             of = {name: upcast(got[hook][:, :, head]) for name, hook in names.items()}
-            part = {stream: got[hook] for stream, hook in streams.items()}
+            part = {stream: as_tail_input(got[hook], self.dtype) for stream, hook in streams.items()}
             part["query"], part["log_decay"] = of["read_q"], of["decay"]
             part["write_norm"] = of["write_beta"].abs() * of["write_k"].norm(dim=-1) * of["write_v"].norm(dim=-1)
             parts.append(part)
@@ -133,7 +138,7 @@ class StatePerturbations:
                 return reads + torch.stack(per_head, dim=1)[:, None]
 
             hooks = [(mixer_hook(layer, "hook_read_q"), keep_query), (mixer_hook(layer, "hook_read"), edit_read)]
-            with self.model.hooks(fwd_hooks=hooks):
+            with self.runner.hooks(fwd_hooks=hooks):
                 final = self._run({n: s[:, :1] for n, s in streams.items()}, cache)
             if horizon > 0:
                 state = cache.layers[layer]["state"]  # [rows, head, d_k, d_v], S_{t0} as the layer left it
@@ -141,12 +146,12 @@ class StatePerturbations:
                             for h in range(state.shape[1])]
                 cache.layers[layer]["state"] = state + torch.stack(per_head, dim=1).to(state.dtype)
                 final = self._run({n: s[:, 1:] for n, s in streams.items()}, cache)
-            return upcast(self.model.unembed(self.model.ln_final(final[:, -1:]))[:, 0])
+            return upcast(self.runner.unembed(self.runner.ln_final(final[:, -1:]))[:, 0])
 
         return run
 
     def _run(self, streams: dict[str, Tensor], cache: RecurrentCache, final_positions: Tensor | None = None) -> Tensor:
         """Final residual [batch, pos, d_model] of a run from the layer (carried streams only after layer 0)."""
         carried = {name: streams[name] for name in self.model.carried_streams} if self.layer > 0 else {}
-        return self.model(streams["resid"], start_at_layer=self.layer, stop_at_layer=self.model.cfg.n_layers,
-                          cache=cache, final_positions=final_positions, **carried)
+        return self.runner(streams["resid"], start_at_layer=self.layer, stop_at_layer=self.model.cfg.n_layers,
+                           cache=cache, final_positions=final_positions, **carried)
