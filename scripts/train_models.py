@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="default .cache/train/<family>-tiny")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="save a checkpoint and exit after this step (the schedule still runs to --steps; "
+                        "continue with --resume)")
     parser.add_argument("--measure", action="store_true", help="time --steps steps and exit without saving")
     args = parser.parse_args(argv)
     out = args.out or TRAIN_DIR / FOLDERS[args.family]
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
         resumed = torch.load(ckpt_path, weights_only=False)
         saved = resumed["log"]["args"]
-        keep = {"threads": args.threads, "device": args.device}
+        keep = {"threads": args.threads, "device": args.device, "stop_at": args.stop_at}
         args = argparse.Namespace(**{**saved, **keep, "out": out, "resume": True, "measure": False})
         print(f"resuming {out} at step {resumed['step']}/{args.steps}", flush=True)
     elif args.steps is None:
@@ -286,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"step {step}: loss {loss.item():.3f}, {time.time() - start:.1f} s elapsed", flush=True)
             continue
         last = step + 1 == args.steps
+        pause = args.stop_at is not None and step + 1 == args.stop_at
         if (step + 1) % 50 == 0 or last:
             elapsed = time.time() - start
             per_step = elapsed / (step + 1 - first_step)
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
             running, n_running = 0.0, 0
-        if (step + 1) % args.eval_every == 0 or last:
+        if (step + 1) % args.eval_every == 0 or last or pause:
             held = heldout_loss(model, held_blocks, args.batch)
             log["heldout_loss"].append([step + 1, round(held, 4)])
             log["steps_done"] = step + 1
@@ -305,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  heldout loss {held:.3f} (ppl {math.exp(held):.1f}); saved {out}", flush=True)
             save(model, tokenizer, out, log)
             save_checkpoint(out / "checkpoint.pt", model, opt, gen, step + 1, log)
+        if pause:
+            print(f"stopped at step {step + 1} (--stop-at); continue with --resume --out {out}", flush=True)
+            break
     if args.measure:
         print(f"{(time.time() - start) / args.steps:.2f} s/step with {args.threads} thread(s)")
 
