@@ -1,6 +1,7 @@
-"""Left padding: a padded batch gives, at every real position, what each prompt gives alone (fp32 logits to 1e-5,
-the cache it leaves behind, and greedy continuations token for token), on all three families with non-square heads
-and grouped key heads."""
+"""Padding: a left-padded batch gives, at every real position, what each prompt gives alone (fp32 logits to 1e-5,
+the cache it leaves behind, and greedy continuations token for token); a right-padded batch without a cache gives
+the same logits; the loss leaves the pads out; bad layouts are clear errors. On all three families with non-square
+heads and grouped key heads."""
 
 import pytest
 import torch
@@ -102,8 +103,52 @@ def test_pad_positions_carry_no_hook_writes(model):
     assert bool((cache[f"blocks.{layer}.mixer.hook_decay"][pads] == 0).all())
 
 
+def right_padded(prompts: list[torch.Tensor], pad_id: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt)] = prompt
+        mask[row, :len(prompt)] = 1
+    return tokens, mask
+
+
+def test_right_padded_logits_equal_each_prompt_alone(model):
+    prompts = prompts_for(model, seed=4)
+    tokens, mask = right_padded(prompts)
+    logits = model(tokens, attention_mask=mask)
+    for row, prompt in enumerate(prompts):
+        assert relative_error(logits[row, :len(prompt)], model(prompt[None])[0]) < 1e-5
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_loss_leaves_the_pads_out(model, side):
+    """The mean loss over a padded batch is the mean over every real next-token pair of the prompts alone; per token,
+    the pairs touching a pad are 0 (TransformerLens' convention)."""
+    prompts = prompts_for(model, seed=5)
+    tokens, mask = (left_padded if side == "left" else right_padded)(prompts)
+    alone = [model(p[None], return_type="loss", loss_per_token=True)[0] for p in prompts]
+    expected = torch.cat(alone).mean()
+    loss = model(tokens, attention_mask=mask, return_type="loss")
+    assert abs(float(loss) - float(expected)) < 1e-5 * max(1.0, abs(float(expected)))
+    per_token = model(tokens, attention_mask=mask, return_type="loss", loss_per_token=True)
+    counted = (mask[:, :-1] * mask[:, 1:]).bool()
+    assert bool((per_token[~counted] == 0).all())
+    logits = model(tokens, attention_mask=mask)
+    assert abs(float(model.loss_fn(logits, tokens, attention_mask=mask)) - float(loss)) < 1e-6
+
+
+def test_right_padding_with_a_cache_is_refused(model):
+    with pytest.raises(ValueError, match="right padding cannot be used with a cache"):
+        model(torch.zeros(2, 3, dtype=torch.long), cache=model.empty_cache(),
+              attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    with pytest.raises(ValueError, match="pads prompts on the left"):
+        model.generate(torch.zeros(2, 3, dtype=torch.long), padding_side="right", max_new_tokens=1, verbose=False)
+
+
 @pytest.mark.parametrize("mask,match", [
-    ([[1, 1, 0], [1, 1, 1]], "left padding"),
+    ([[1, 0, 1], [1, 1, 1]], "same side"),
+    ([[0, 1, 1], [1, 1, 0]], "same side"),
     ([[0, 0, 0], [1, 1, 1]], "no real token"),
     ([[0, 2, 1], [1, 1, 1]], "only 0"),
     ([[0, 1], [1, 1]], "must match"),
@@ -121,7 +166,11 @@ def test_padding_is_refused_when_continuing_a_cache(model):
         model(torch.zeros(2, 3, dtype=torch.long), cache=cache, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
 
 
-def test_a_mean_loss_over_pads_is_refused(model):
-    with pytest.raises(ValueError, match="loss_per_token"):
-        model(torch.zeros(2, 3, dtype=torch.long), return_type="loss",
-              attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+def test_unknown_keyword_arguments_are_errors(model):
+    """TransformerLens' ``past_kv_cache`` is accepted (it is the state cache); anything unknown raises."""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'shortformer_pos_embed'"):
+        model(torch.zeros(1, 3, dtype=torch.long), shortformer_pos_embed=None)
+    with pytest.raises(TypeError, match="RecurrentCache"):
+        model(torch.zeros(1, 3, dtype=torch.long), past_kv_cache=object())
+    with pytest.raises(ValueError, match="not both"):
+        model(torch.zeros(1, 3, dtype=torch.long), past_kv_cache=model.empty_cache(), cache=model.empty_cache())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -34,6 +35,8 @@ class HookedMamba2Config(FamilyConfig):
     act_fn: str = "silu"
     n_ctx: int = UNBOUNDED_CONTEXT  # no positional limit
     model_name: str = field(default="mamba2", kw_only=True)
+    hf_architecture: ClassVar[str] = "Mamba2ForCausalLM"
+    norm_kind: ClassVar[str] = "RMS"
 
     @property
     def d_inner(self) -> int:

@@ -50,6 +50,10 @@ class HookedMamba2(HookedRecurrentLM):
         self.unembed = _Unembed(cfg.d_model, cfg.d_vocab)
         self.setup()
 
+    def final_norm_gain(self):
+        """The weight [d_model] ``ln_final`` multiplies the normalised stream by."""
+        return self.ln_final.w
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def _check_folder(cls, folder: Path) -> None:

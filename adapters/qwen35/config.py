@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -34,6 +35,8 @@ class HookedQwen35Config(FamilyConfig):
     n_ctx: int
     act_fn: str = "silu"
     model_name: str = field(default="qwen3_5", kw_only=True)
+    hf_architecture: ClassVar[str] = "Qwen3_5ForCausalLM"
+    norm_kind: ClassVar[str] = "RMS"
 
     @staticmethod
     def from_hf_config(hf_config, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "HookedQwen35Config":

@@ -38,6 +38,10 @@ class HookedQwen35(HookedRecurrentLM):
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
         self.setup()
 
+    def final_norm_gain(self):
+        """The weight [d_model] ``ln_final`` multiplies the normalised stream by."""
+        return 1.0 + self.ln_final.w  # Qwen3.5's norms store w - 1
+
     # ------------------------------------------------------------------ loading
     skip_checkpoint_prefixes = IGNORED_PREFIXES  # the multimodal wrapper's vision tower, the MTP head
 

@@ -8,6 +8,7 @@ Naming: the state of one head is ``[d_k, d_v]`` as in every family, ``d_k = head
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from types import SimpleNamespace
 
 import torch
@@ -35,6 +36,8 @@ class HookedRWKV7Config(FamilyConfig):
     norm_bias: bool = True
     n_ctx: int = UNBOUNDED_CONTEXT  # no positional limit
     model_name: str = field(default="rwkv7", kw_only=True)
+    hf_architecture: ClassVar[str] = "RWKV7ForCausalLM"
+    norm_kind: ClassVar[str] = "LN"
 
     @property
     def key_dim(self) -> int:

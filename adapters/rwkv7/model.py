@@ -26,7 +26,7 @@ from writesae_lens.hooking.loading import (
     convert_state_dict,
     load_checkpoint_tensors,
     resolve_device,
-    resolve_dtype,
+    resolve_dtype_arguments,
     resolve_folder,
     try_load_tokenizer,
 )
@@ -91,13 +91,18 @@ class HookedRWKV7(HookedRecurrentLM):
         finally:
             self._v_first.value = None
 
+    def final_norm_gain(self):
+        """The weight [d_model] ``ln_final`` multiplies the normalised stream by."""
+        return self.ln_final.weight  # its bias adds bias @ W_U to every logit, attributed to no component
+
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype: torch.dtype | str = torch.float32, tokenizer=None,
-                        load_tokenizer: bool = True) -> "HookedRWKV7":
+    def from_pretrained(cls, name_or_path, device=None, dtype: torch.dtype | str | None = None, tokenizer=None,
+                        load_tokenizer: bool = True, torch_dtype: torch.dtype | str | None = None) -> "HookedRWKV7":
         """Load a local fla RWKV-7 checkpoint folder (``config.json`` with model_type ``rwkv7`` + safetensors) or a hub
-        id. The config is read as JSON: transformers' AutoConfig does not know ``rwkv7`` without fla."""
-        device, dtype = resolve_device(device), resolve_dtype(dtype)  # clear errors for names torch lacks
+        id. The config is read as JSON: transformers' AutoConfig does not know ``rwkv7`` without fla. ``dtype`` /
+        ``torch_dtype`` as for every family (default float32)."""
+        device, dtype = resolve_device(device), resolve_dtype_arguments(dtype, torch_dtype)  # clear errors
         folder = resolve_folder(name_or_path)  # also: config.json must be JSON
         config_file = Path(folder) / "config.json"
         if not config_file.exists():

@@ -29,13 +29,24 @@ class RecurrentCache:
     # Rows of a batched cache may sit at different positions: then ``positions[b]`` is row b's length and attention
     # layers keep a ``"valid"`` mask [batch, key_pos] over their keys (see ``rows_from_snapshots``).
     positions: Tensor | None = None
+    # A frozen cache is read but never updated: each forward call continues from a copy (TransformerLens' freeze()).
+    frozen: bool = False
 
     @staticmethod
     def empty(n_layers: int) -> "RecurrentCache":
         return RecurrentCache([{} for _ in range(n_layers)], 0)
 
     def copy(self) -> "RecurrentCache":
+        """An unfrozen branch of this cache (the dicts are copied, the tensors shared: blocks replace them)."""
         return RecurrentCache([dict(layer) for layer in self.layers], self.seq_len, self.positions)
+
+    def freeze(self) -> None:
+        """Keep this cache as it is: later forward calls continue from it without updating it."""
+        self.frozen = True
+
+    def unfreeze(self) -> None:
+        """Let forward calls update this cache again."""
+        self.frozen = False
 
     def advance(self, n_pos: int) -> None:
         self.seq_len += n_pos

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
@@ -25,6 +26,35 @@ class FamilyConfig:
     dtype: torch.dtype = torch.float32
     model_name: str = "model"
     extra: dict = field(default_factory=dict)
+
+    # Per family: transformers' class of the checkpoints (``original_architecture``) and the kind of norm before each
+    # sublayer and the unembedding, in TransformerLens' words ("RMS" or "LN"; the weights are not folded).
+    hf_architecture: ClassVar[str] = ""
+    norm_kind: ClassVar[str] = "RMS"
+
+    @property
+    def d_vocab_out(self) -> int:
+        """Width of the logits (the unembedding has no separate output vocabulary)."""
+        return self.d_vocab
+
+    @property
+    def original_architecture(self) -> str:
+        """The transformers (or fla) class whose checkpoints this family loads."""
+        return self.hf_architecture
+
+    @property
+    def normalization_type(self) -> str:
+        """TransformerLens' name of the norm kind; ``ActivationCache.apply_ln_to_stack`` reads it."""
+        return self.norm_kind
+
+    def to_dict(self) -> dict:
+        """Every field, plus the derived fields TransformerLens users read (``d_vocab_out``,
+        ``original_architecture``, ``normalization_type``, the layer kinds)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["extra"] = dict(self.extra)
+        out.update(d_vocab_out=self.d_vocab_out, original_architecture=self.original_architecture,
+                   normalization_type=self.normalization_type, layer_types=list(self.layer_types))
+        return out
 
     @property
     def recurrent_layers(self) -> list[int]:

@@ -60,6 +60,15 @@ def resolve_dtype(dtype) -> torch.dtype:
     return dtype
 
 
+def resolve_dtype_arguments(dtype, torch_dtype) -> torch.dtype:
+    """The dtype of ``from_pretrained(dtype=..., torch_dtype=...)``: either name may be given (``torch_dtype`` is
+    transformers' name), a torch dtype or its name; neither means float32."""
+    if dtype is not None and torch_dtype is not None and resolve_dtype(dtype) != resolve_dtype(torch_dtype):
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one of them")
+    chosen = dtype if dtype is not None else torch_dtype
+    return torch.float32 if chosen is None else resolve_dtype(chosen)
+
+
 def resolve_device(device) -> torch.device | None:
     """``device`` as a ``torch.device`` this torch build and machine have (None stays None: the default); a clear error
     for a malformed name, a backend the build lacks, or a device index beyond the devices present."""

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -25,9 +24,10 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from ..ops.gated_delta import at_positions
+from .activation_cache import RecurrentActivationCache
 from .cache import RecurrentCache
 from .hook_checks import check_on_attach, keeping_activation_form
-from .padding import left_padding
+from .padding import masked_next_token_loss, pad_mask_for_call
 from .sampling import sample_next_token
 from .write_mixer import SPARSE_HOOK_NAMES
 
@@ -49,17 +49,25 @@ class HookedRecurrentLM(HookedRootModule):
         cls,
         name_or_path,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         tokenizer=None,
         load_tokenizer: bool = True,
+        torch_dtype: torch.dtype | str | None = None,
     ):
         """Load a local transformers checkpoint folder or a hub id (hub ids need a network; the code path after the
-        download is the same). ``device`` defaults to CUDA when available."""
+        download is the same). ``device`` defaults to CUDA when available. ``dtype`` (default float32) is a torch
+        dtype or its name (``"bfloat16"``); ``torch_dtype`` is transformers' name for it (pass one of the two)."""
         from transformers import AutoConfig
 
-        from .loading import load_checkpoint_tensors, resolve_device, resolve_dtype, resolve_folder, try_load_tokenizer
+        from .loading import (
+            load_checkpoint_tensors,
+            resolve_device,
+            resolve_dtype_arguments,
+            resolve_folder,
+            try_load_tokenizer,
+        )
 
-        device, dtype = resolve_device(device), resolve_dtype(dtype)  # clear errors for names torch lacks
+        device, dtype = resolve_device(device), resolve_dtype_arguments(dtype, torch_dtype)  # clear errors
         folder = resolve_folder(name_or_path)
         cls._check_folder(folder)
         hf_config = AutoConfig.from_pretrained(folder)
@@ -103,7 +111,13 @@ class HookedRecurrentLM(HookedRootModule):
         move_to_device: bool = True,
         truncate: bool = True,
     ) -> Int[Tensor, "batch pos"]:
-        """Tokenise one string or a list of strings into ``[batch, pos]`` (right-padded with the pad token)."""
+        """Tokenise one string or a list of strings into ``[batch, pos]``, padded with the pad token on
+        ``padding_side`` (default: the tokenizer's ``padding_side``, else right). ``to_tokens_and_mask`` also
+        returns which positions are pads."""
+        return self._tokenize(input, prepend_bos, padding_side, move_to_device, truncate)[0]
+
+    def _tokenize(self, input, prepend_bos, padding_side, move_to_device=True, truncate=True) -> tuple[Tensor, Tensor]:
+        """``(tokens, attention_mask)`` [batch, pos] of one string or a list of strings (mask: 1 real, 0 pad)."""
         tokenizer = self._require_tokenizer()
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
@@ -118,23 +132,83 @@ class HookedRecurrentLM(HookedRootModule):
             ids = [seq[: self.cfg.n_ctx] for seq in ids]
         width = max(len(seq) for seq in ids)
         pad = self._pad_token_id()
-        side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
-        padded = [
-            (seq + [pad] * (width - len(seq))) if side == "right" else ([pad] * (width - len(seq)) + seq) for seq in ids
-        ]
-        tokens = torch.tensor(padded, dtype=torch.long)
-        return tokens.to(self.cfg.device) if move_to_device else tokens
+        side = self._padding_side(padding_side)
+        padded, mask = [], []
+        for seq in ids:
+            fill = width - len(seq)
+            padded.append(seq + [pad] * fill if side == "right" else [pad] * fill + seq)
+            mask.append([1] * len(seq) + [0] * fill if side == "right" else [0] * fill + [1] * len(seq))
+        tokens, mask = torch.tensor(padded, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+        return (tokens.to(self.cfg.device), mask.to(self.cfg.device)) if move_to_device else (tokens, mask)
 
-    def to_tokens_and_mask(self, texts: list[str], prepend_bos: bool | None = None) -> tuple[Tensor, Tensor]:
-        """Left-padded tokens [batch, pos] of several strings and their ``attention_mask`` (1 = real, 0 = pad)."""
-        rows = [self.to_tokens(text, prepend_bos=prepend_bos)[0] for text in texts]
-        width = max(len(row) for row in rows)
-        tokens = torch.full((len(rows), width), self._pad_token_id(), dtype=torch.long, device=rows[0].device)
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=rows[0].device)
-        for i, row in enumerate(rows):
-            tokens[i, width - len(row):] = row
-            mask[i, width - len(row):] = 1
-        return tokens, mask
+    def _padding_side(self, padding_side) -> str:
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
+        default = getattr(self.tokenizer, "padding_side", None) if self.tokenizer is not None else None
+        return padding_side or default or "right"
+
+    def to_tokens_and_mask(self, texts: list[str], prepend_bos: bool | None = None,
+                           padding_side: Literal["left", "right"] = "left") -> tuple[Tensor, Tensor]:
+        """Padded tokens [batch, pos] of several strings (left-padded by default) and their ``attention_mask``
+        (1 = real, 0 = pad)."""
+        return self._tokenize(list(texts), prepend_bos, padding_side)
+
+    def to_single_token(self, string: str) -> int:
+        """The id of a string that is exactly one token (no BOS); a clear error otherwise."""
+        if not isinstance(string, str):
+            raise TypeError(f"to_single_token takes a string, got {type(string).__name__}")
+        tokens = self.to_tokens(string, prepend_bos=False, truncate=False)[0]
+        if tokens.numel() != 1:
+            pieces = [self.tokenizer.decode([t]) for t in tokens.tolist()]
+            raise ValueError(f"{string!r} is {tokens.numel()} tokens ({pieces}), not one")
+        return int(tokens[0])
+
+    def get_token_position(
+        self,
+        single_token: str | int,
+        input: str | Tensor,
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> int:
+        """The position of ``single_token`` (a one-token string or an id) in ``input`` (a string, tokenised as
+        ``to_tokens`` does, or tokens ``[pos]`` / ``[1, pos]``): its first or last occurrence."""
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+        if isinstance(input, str):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        else:
+            tokens = torch.as_tensor(input)
+        if tokens.dim() == 2:
+            if tokens.shape[0] != 1:
+                raise ValueError(f"get_token_position takes one sequence; got a batch of {tokens.shape[0]}")
+            tokens = tokens[0]
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be [pos] or [1, pos]; got shape {tuple(tokens.shape)}")
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        found = (tokens == token).nonzero().flatten()
+        if found.numel() == 0:
+            raise ValueError(f"token {token} ({single_token!r}) does not occur in the input")
+        return int(found[0] if mode == "first" else found[-1])
+
+    def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Tensor:
+        """The residual direction whose dot product with the final-normalised stream is a token's logit:
+        ``gain * W_U[:, token]``, where ``gain`` [d_model] is the final norm's elementwise weight (TransformerLens folds
+        it into ``W_U``; here the weights are not folded). ``[d_model]`` for one token, ``[*tokens.shape, d_model]``
+        for a tensor of them. With these, ``cache.logit_attrs`` of ``cache.decompose_resid()`` sums to the logits
+        (less the final norm's bias term, ``bias @ W_U``, on families whose final norm has one)."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        tokens = torch.as_tensor(tokens, device=self.W_U.device)
+        if tokens.is_floating_point():
+            raise TypeError(f"tokens must be integer ids, got {tokens.dtype}")
+        directions = self.W_U[:, tokens]  # [d_model, *tokens.shape]
+        directions = directions.movedim(0, -1) if tokens.dim() else directions
+        return directions * self.final_norm_gain().to(directions.dtype)
+
+    def final_norm_gain(self) -> Tensor:
+        """The elementwise weight [d_model] that ``ln_final`` multiplies the normalised stream by (family hook)."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its final norm's gain")
 
     def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
         """Decode ``[pos]`` to a string or ``[batch, pos]`` to a list of strings."""
@@ -144,10 +218,26 @@ class HookedRecurrentLM(HookedRootModule):
             return [tokenizer.decode(row.tolist()) for row in tokens]
         return tokenizer.decode(tokens.tolist())
 
-    def to_str_tokens(self, input: str | Tensor) -> list[str]:
-        """One string per token of a string or of a 1-D token tensor."""
+    def to_str_tokens(
+        self,
+        input: str | list | Tensor | int,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> list[str] | list[list[str]]:
+        """One string per token: of a string (tokenised as ``to_tokens`` with ``prepend_bos``), of token ids
+        (``[pos]``, ``[1, pos]``, an int), or, for a list of strings or a ``[batch, pos]`` tensor, one list per row."""
         tokenizer = self._require_tokenizer()
-        tokens = self.to_tokens(input)[0] if isinstance(input, str) else torch.as_tensor(input).flatten()
+        if isinstance(input, list) and input and not all(isinstance(x, int) for x in input):
+            return [self.to_str_tokens(item, prepend_bos=prepend_bos, padding_side=padding_side) for item in input]
+        if isinstance(input, str):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
+        else:
+            tokens = torch.as_tensor(input)
+            if tokens.dim() == 2 and tokens.shape[0] > 1:
+                return [self.to_str_tokens(row) for row in tokens]
+            tokens = tokens.reshape(-1)
+        if tokens.is_floating_point():
+            raise TypeError(f"token ids must be integers, got {tokens.dtype}")
         return [tokenizer.decode([t]) for t in tokens.tolist()]
 
     def _require_tokenizer(self):
@@ -179,7 +269,9 @@ class HookedRecurrentLM(HookedRootModule):
         start_at_layer: int | None = None,
         tokens: Tensor | None = None,
         final_positions: Tensor | None = None,
-        **unused: Any,
+        attention_mask: Tensor | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        past_kv_cache: RecurrentCache | None = None,
     ):
         """Run the model. ``return_type``: "logits" ``[batch, pos, d_vocab]``, "loss" (mean next-token loss, or
         ``[batch, pos - 1]`` with ``loss_per_token``), "both" (logits, loss), None. ``stop_at_layer=n`` returns the
@@ -193,10 +285,20 @@ class HookedRecurrentLM(HookedRootModule):
         the last block skips its position-wise work elsewhere when it can (``supports_keep``), and then its hook
         points after the mixer see only the selected positions. No loss with it.
 
-        ``attention_mask`` [batch, pos] (1 = token, 0 = pad): left-padded rows on a call that starts a sequence; the
-        pads contribute nothing to any state, conv window, token shift or attention key (``hooking/padding.py``)."""
+        ``attention_mask`` [batch, pos] (1 = token, 0 = pad), as TransformerLens takes it: left-padded rows on a call
+        that starts a sequence (the pads contribute nothing to any state, conv window, token shift or attention key),
+        or right-padded rows without a cache (``hooking/padding.py``); the loss leaves the pads out. A list of
+        strings is padded on ``padding_side`` (default: the tokenizer's, else right) and masked accordingly.
+        ``past_kv_cache`` is TransformerLens' name for ``cache`` (a ``RecurrentCache``: recurrent states, conv
+        windows and attention keys). Unknown keyword arguments are errors."""
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        given = cache if cache is not None else past_kv_cache
+        branch = given is not None and getattr(given, "frozen", False)  # a frozen cache is read from a copy
+        cache = self._cache_argument(cache, past_kv_cache)
+        if isinstance(input, list) and len(input) > 1 and all(isinstance(x, str) for x in input):
+            input, list_mask = self._tokenize(input, prepend_bos, padding_side)
+            attention_mask = list_mask if attention_mask is None else attention_mask
         if start_at_layer is not None:
             if not 0 <= start_at_layer < self.cfg.n_layers:
                 raise ValueError(f"start_at_layer={start_at_layer} is outside [0, {self.cfg.n_layers})")
@@ -215,11 +317,11 @@ class HookedRecurrentLM(HookedRootModule):
                 raise ValueError(f"stop_at_layer={stop_at_layer} is outside [-{self.cfg.n_layers}, {self.cfg.n_layers}]")
         last = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
         last = last + self.cfg.n_layers if last < 0 else last  # negative: count from the end, as in transformer_lens
-        if cache is not None and last != self.cfg.n_layers:
+        if cache is not None and last != self.cfg.n_layers and not branch:
             raise ValueError("stop_at_layer before the last layer cannot be combined with a cache (the cache would be "
-                             "left half-updated); stop_at_layer=n_layers (the final residual stream) can")
-        pad = left_padding(unused.get("attention_mask"), tokens if resid is None else input, cache, return_type,
-                           loss_per_token)
+                             "left half-updated); stop_at_layer=n_layers (the final residual stream) can, and so "
+                             "can a frozen cache (cache.freeze()), which calls read without updating")
+        pad = pad_mask_for_call(attention_mask, tuple((tokens if resid is None else input).shape[:2]), cache)
         if pad is not None:  # the pads' positions: no write, identity transitions, out of every window and key set
             cache = self.empty_cache() if cache is None else cache
             cache.positions = -pad.sum(1)  # rotary positions count from each row's first real token
@@ -244,8 +346,29 @@ class HookedRecurrentLM(HookedRootModule):
         logits = self.unembed(self.ln_final(resid))  # [batch, pos, d_vocab]
         if return_type == "logits":
             return logits
-        loss = next_token_loss(logits, tokens, per_token=loss_per_token)
+        loss = masked_next_token_loss(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def loss_fn(self, logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = None,
+                per_token: bool = False) -> Tensor:
+        """Next-token cross-entropy of ``logits`` [batch, pos, d_vocab] on ``tokens`` [batch, pos], leaving out pads
+        (``attention_mask``), as TransformerLens' ``loss_fn``."""
+        return masked_next_token_loss(logits, tokens, attention_mask, per_token=per_token)
+
+    @staticmethod
+    def _cache_argument(cache, past_kv_cache):
+        """The cache of a call from ``cache=`` or TransformerLens' ``past_kv_cache=``; a frozen cache is read from a
+        copy, so the call leaves it as it was."""
+        if past_kv_cache is not None:
+            if cache is not None:
+                raise ValueError("pass the cache once: cache= or past_kv_cache= (TransformerLens' name), not both")
+            cache = past_kv_cache
+        if cache is not None and not isinstance(cache, RecurrentCache):
+            raise TypeError(f"the cache must be a RecurrentCache (model.empty_cache()), got {type(cache).__name__}: "
+                            "TransformerLens' key-value caches hold attention keys only, not recurrent states")
+        if cache is not None and cache.frozen:
+            cache = cache.copy()
+        return cache
 
     def _run_blocks(self, resid, cache, offset, first, last, final_positions, return_type) -> Tensor:
         n_pos = resid.shape[1]
@@ -316,6 +439,7 @@ class HookedRecurrentLM(HookedRootModule):
         seed: int | None = None,
         verbose: bool = True,
         attention_mask: Tensor | None = None,
+        padding_side: Literal["left", "right"] | None = None,
     ):
         """Sample (or, with ``do_sample=False``, greedily decode) ``max_new_tokens`` tokens.
 
@@ -325,9 +449,14 @@ class HookedRecurrentLM(HookedRootModule):
 
         Prompts of different lengths: a list of strings is left-padded, or pass left-padded tokens with
         ``attention_mask`` [batch, pos] (1 = real token, 0 = pad); each row then generates what it generates alone.
+        Generation needs left padding (``padding_side="left"``, the default here): new tokens follow each row's last
+        real token only when no pad comes after it.
         """
+        if padding_side not in (None, "left"):
+            raise ValueError(f"generate pads prompts on the left (new tokens must follow each row's last real token); "
+                             f"padding_side={padding_side!r} is not supported")
         if isinstance(input, list) and len(input) > 1 and attention_mask is None:
-            tokens, attention_mask = self.to_tokens_and_mask(input, prepend_bos)
+            tokens, attention_mask = self.to_tokens_and_mask(input, prepend_bos, padding_side="left")
         else:
             tokens = self._as_tokens(input, prepend_bos)
         eos = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
@@ -382,6 +511,16 @@ class HookedRecurrentLM(HookedRootModule):
         if not isinstance(name, str) and not callable(name):
             raise TypeError(f"a hook name must be a string or a filter function, got {type(name).__name__}")
 
+    def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False,
+                       **kwargs):
+        """As TransformerLens' ``HookedTransformer.run_with_cache``: ``(output, cache)`` where the cache is a
+        ``transformer_lens.ActivationCache`` (``RecurrentActivationCache``, see ``hooking/activation_cache.py``), or
+        the plain dict of activations with ``return_cache_object=False``."""
+        out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        if not return_cache_object:
+            return out, cache_dict
+        return out, RecurrentActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
     def hook_pos_axis(self, name: str) -> int:
         """The position axis of a hook's tensor (dim 1 for ``[batch, pos, ...]``, the query axis for patterns)."""
         return 2 if name.endswith(QUERY_AXIS_HOOKS) else 1
@@ -423,10 +562,12 @@ class HookedRecurrentLM(HookedRootModule):
         return cache, fwd, bwd
 
     # ------------------------------------------------------------------ devices
-    def to(self, *args, **kwargs):
-        out = super().to(*args, **kwargs)
+    def _apply(self, fn, *args, **kwargs):
+        """Every move or cast (``to``, ``half``, ``float``, ``double``, ``bfloat16``, ``cuda``, ``cpu``) goes through
+        here: afterwards ``cfg.device`` and ``cfg.dtype`` are those of the embedding."""
+        out = super()._apply(fn, *args, **kwargs)
         first = next(self.parameters(), None)
-        if first is not None:
+        if first is not None and hasattr(self, "cfg"):
             self.cfg.device = str(first.device)
             self.cfg.dtype = first.dtype
         return out
@@ -442,9 +583,7 @@ class HookedRecurrentLM(HookedRootModule):
 
 def next_token_loss(logits: Tensor, tokens: Tensor, per_token: bool = False) -> Tensor:
     """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]`` (fp32)."""
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [batch, pos - 1]
-    return nll if per_token else nll.mean()
+    return masked_next_token_loss(logits, tokens, per_token=per_token)
 
 
 def _names_filter_fn(names_filter) -> Callable[[str], bool]:
