@@ -382,7 +382,8 @@ def test_estimated_threshold_gives_an_inference_sae_firing_about_k(tmp_path, sae
     X = batchtopk_states()
     threshold = estimate_batchtopk_threshold_(sae, X, batch_size=64)
     # the estimate is the mean over batches of the smallest active value of each batch
-    per_batch = [sae.encode(X[i : i + 64]) for i in range(0, 512, 64)]
+    with torch.no_grad():
+        per_batch = [sae.encode(X[i : i + 64]) for i in range(0, 512, 64)]
     expected = torch.stack([c[c > 0].min().double() for c in per_batch]).mean()
     assert threshold == pytest.approx(float(expected), rel=1e-6)
     sae.save_inference_model(tmp_path / "inference")
