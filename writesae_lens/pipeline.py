@@ -11,6 +11,7 @@ import math
 import numbers
 import signal
 import threading
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -186,10 +187,49 @@ def _train_seeded(model, documents: list[str], settings: TrainSettings, output: 
         lr_warm_up_steps=settings.warmup_steps, dead_feature_window=200, feature_sampling_window=400,
         seqpos_slice=(settings.context_size - 1, None) if settings.final_token_only else (None,),
         device=device, logger=LoggingConfig(log_to_wandb=False), output_path=str(output), seed=settings.seed,
+        model_class_name=type(model).__name__, model_from_pretrained_kwargs={},  # the SAE's metadata names our model
         verbose=False, checkpoint_path=None,  # no ./checkpoints folder, also when interrupted
     )
     dataset = datasets.Dataset.from_dict({"text": documents})
-    return LanguageModelSAETrainingRunner(runner_cfg, override_model=model, override_dataset=dataset).run()
+    with _sae_lens_notices_that_do_not_apply(), _progress_bar_to_the_end():
+        return LanguageModelSAETrainingRunner(runner_cfg, override_model=model, override_dataset=dataset).run()
+
+
+# SAELens warnings that mislead here: it compares the number of *documents* with the number of training *tokens*
+# (so any text looks too short), and advises pre-tokenizing a dataset this pipeline builds from the user's text.
+_MISLEADING_SAE_LENS_WARNINGS = (
+    r"The training dataset contains fewer samples .* than the number of samples required",
+    r"Dataset is not tokenized\. Pre-tokenizing will improve performance",
+)
+
+
+@contextlib.contextmanager
+def _sae_lens_notices_that_do_not_apply():
+    with warnings.catch_warnings():
+        for message in _MISLEADING_SAE_LENS_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
+
+
+@contextlib.contextmanager
+def _progress_bar_to_the_end():
+    """SAELens' trainer moves its bar every 100 steps only, so a run whose step count is not a multiple of 100
+    ends short of 100 %; complete the bar on the last step (the bar's per-100-step updates are unchanged)."""
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    original = SAETrainer.__dict__["_update_pbar"]
+
+    def update(trainer, step_output, pbar, *args, **kwargs):
+        original(trainer, step_output, pbar, *args, **kwargs)
+        if trainer.n_training_samples >= trainer.cfg.total_training_samples and pbar.n != pbar.total:
+            pbar.n = pbar.total
+            pbar.refresh()
+
+    SAETrainer._update_pbar = update
+    try:
+        yield
+    finally:
+        SAETrainer._update_pbar = original
 
 
 def run_substitution(model, sae, layer: int, head: int, passages: torch.Tensor, output: Path, *, seed: int = 2026,

@@ -9,9 +9,18 @@ a shape mismatch. This module computes the same metrics with a head-aware splice
   under the library's edit semantics means "every read of that head sees the reconstruction"),
   ``ce_loss_zero`` (the head's states replaced by zeros), ``ce_loss_score`` = (zero - spliced) / (zero - clean), and
   ``kl_div_spliced`` / ``kl_div_zero`` = KL(clean || edited) per token.
+
+SAELens' own ``sae_lens.evals.run_evals`` (and with it the training runner's evals) is made to work on such SAEs by
+``install_sae_lens_state_splice``, which ``import writesae_lens.saes`` runs: SAELens' reconstruction-loss step is
+wrapped so that, for a hook named ``*.hook_state`` with ``hook_head_index`` set, it replaces / zero-ablates that one
+head (``state_head_recons_loss``); every other SAE and hook goes to SAELens' own code unchanged.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -88,3 +97,88 @@ def _kl(reference: Tensor, edited: Tensor) -> float:
     p = F.log_softmax(reference.float(), -1)
     q = F.log_softmax(edited.float(), -1)
     return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+# ---- SAELens' run_evals on hook_state SAEs ----------------------------------------------------------------------
+
+
+def is_state_head_sae(sae, hook_name: str | None) -> bool:
+    """True for an SAE of one head of a ``hook_state`` hook (whose activations are [batch, pos, head, d_in])."""
+    head = getattr(getattr(sae.cfg, "metadata", None), "hook_head_index", None)
+    return hook_name is not None and hook_name.endswith("hook_state") and head is not None
+
+
+@torch.no_grad()
+def state_head_recons_loss(sae, model, activation_scaler, batch_tokens: Tensor, compute_kl: bool,
+                           compute_ce_loss: bool, ignore_tokens: list[int] | None = None,
+                           model_kwargs: Mapping[str, Any] = {}, hook_name: str | None = None) -> dict[str, Any]:
+    """SAELens' ``get_recons_loss`` contract (same arguments, same metric names, per-token losses) for one head of
+    ``hook_state``: the head's states go through the SAE (scaled and unscaled by ``activation_scaler`` as SAELens
+    does), the other heads are left alone; the ablation zeroes that head only; ignored tokens keep their states."""
+    hook_name = hook_name or sae.cfg.metadata.hook_name
+    head = int(sae.cfg.metadata.hook_head_index)
+    clean_logits, clean_loss = model(batch_tokens, return_type="both", loss_per_token=True, **model_kwargs)
+    keep = torch.ones_like(batch_tokens, dtype=torch.bool)
+    for token in ignore_tokens or []:
+        keep &= batch_tokens != token
+
+    def spliced(states: Tensor, hook) -> Tensor:  # states [batch, pos, head, d_in]
+        head_states = states[:, :, head].to(sae.device)
+        recon = activation_scaler.unscale(sae.decode(sae.encode(activation_scaler.scale(head_states))))
+        recon = torch.where(keep.to(recon.device)[..., None], recon.to(head_states.dtype), head_states)
+        out = states.clone()
+        out[:, :, head] = recon.to(states.device)
+        return out
+
+    def ablated(states: Tensor, hook) -> Tensor:
+        out = states.clone()
+        out[:, :, head] = 0
+        return out
+
+    def run(hook) -> tuple[Tensor, Tensor]:
+        return model.run_with_hooks(batch_tokens, return_type="both", fwd_hooks=[(hook_name, hook)],
+                                    loss_per_token=True, **model_kwargs)
+
+    recons_logits, recons_loss = run(spliced)
+    ablated_logits, ablated_loss = run(ablated)
+    metrics: dict[str, Any] = {}
+    if compute_kl:
+        metrics["kl_div_with_sae"] = _kl_per_token(clean_logits, recons_logits)
+        metrics["kl_div_with_ablation"] = _kl_per_token(clean_logits, ablated_logits)
+    if compute_ce_loss:
+        metrics["ce_loss_with_sae"] = recons_loss
+        metrics["ce_loss_without_sae"] = clean_loss
+        metrics["ce_loss_with_ablation"] = ablated_loss
+    return metrics
+
+
+def _kl_per_token(reference: Tensor, edited: Tensor) -> Tensor:
+    """KL(reference || edited) per position, [batch, pos] (the shape SAELens' evals average)."""
+    p = F.log_softmax(reference.float(), -1)
+    q = F.log_softmax(edited.float(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def install_sae_lens_state_splice() -> None:
+    """Route SAELens' reconstruction-loss eval to ``state_head_recons_loss`` for one-head ``hook_state`` SAEs.
+
+    SAELens' ``get_recons_loss`` splices one head only for hook names containing hook_q/k/v/z and otherwise feeds the
+    whole activation through the SAE, which on a [batch, pos, head, d_in] state fails with a shape error. The
+    wrapper leaves every other SAE and hook to SAELens; installing twice is harmless."""
+    import sae_lens.evals as sae_lens_evals
+
+    original = sae_lens_evals.get_recons_loss
+    if getattr(original, "_writesae_state_splice", False):
+        return
+
+    @functools.wraps(original)
+    def get_recons_loss(sae, model, activation_scaler, batch_tokens, compute_kl, compute_ce_loss,
+                        ignore_tokens=None, model_kwargs={}, hook_name=None):
+        if is_state_head_sae(sae, hook_name or sae.cfg.metadata.hook_name):
+            return state_head_recons_loss(sae, model, activation_scaler, batch_tokens, compute_kl, compute_ce_loss,
+                                          ignore_tokens, model_kwargs, hook_name)
+        return original(sae, model, activation_scaler, batch_tokens, compute_kl, compute_ce_loss,
+                        ignore_tokens, model_kwargs, hook_name)
+
+    get_recons_loss._writesae_state_splice = True  # type: ignore[attr-defined]
+    sae_lens_evals.get_recons_loss = get_recons_loss

@@ -68,7 +68,14 @@ def _register_once(
 
 
 def register_write_saes() -> None:
-    """Register every WriteSAE architecture with SAELens; calling it again is harmless."""
+    """Register every WriteSAE architecture with SAELens; calling it again is harmless.
+
+    Also makes SAELens' `run_evals` splice one head of `hook_state` for its CE / KL metrics
+    (`evaluation.sae_evals.install_sae_lens_state_splice`).
+    """
+    from writesae_lens.evaluation.sae_evals import install_sae_lens_state_splice
+
+    install_sae_lens_state_splice()
     for name, classes in INFERENCE_ARCHITECTURES.items():
         _register_once(SAE_CLASS_REGISTRY, register_sae_class, name, classes)
     for name, classes in TRAINING_ARCHITECTURES.items():

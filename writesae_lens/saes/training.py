@@ -10,6 +10,7 @@ own JumpReLU SAE projects its threshold), on `.data` and outside the autograd gr
 * optionally, dead latents are re-seeded from the batch (`resample_dead_every`).
 """
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,56 @@ from torch import Tensor
 
 from writesae_lens.saes import factored, resampling
 from writesae_lens.saes.base import WriteSAEBase, _save_atomically
+
+
+def runner_of_this_training() -> Any:
+    """The SAELens `LanguageModelSAETrainingRunner` whose `run()` is on the call stack, if any."""
+    from sae_lens import LanguageModelSAETrainingRunner
+
+    code = LanguageModelSAETrainingRunner.run.__code__
+    frame = sys._getframe(1)
+    for _ in range(40):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        if frame.f_code is code:
+            return frame.f_locals.get("self")
+    return None
+
+
+def check_runner_output_free(runner: Any) -> None:
+    """Refuse, before the first training step, a runner `output_path` that already holds files.
+
+    The runner saves the final SAE there at the end; WriteSAEs never overwrite a folder the user
+    named, so without this check a repeated run would train to the end and only then fail.
+    """
+    output = getattr(runner.cfg, "output_path", None)
+    if output is None:
+        return
+    folder = Path(output)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(
+            f"The runner's output_path {folder} already holds files, and a WriteSAE is never saved over "
+            "an existing SAE. Choose a new or empty output_path, or remove that folder, before training "
+            "(checked before the first step, so no training was lost)."
+        )
+
+
+def record_model_class(sae: Any, model: Any) -> None:
+    """Name the hooked model's own class in the SAE's metadata.
+
+    SAELens' runner records its config's `model_class_name` ("HookedTransformer") and TransformerLens
+    `from_pretrained` kwargs, which describe a model the SAE was not trained on; loading such an SAE then
+    advises HookedSAETransformer. For models that are not TransformerLens' own, record the real class
+    and no TransformerLens kwargs.
+    """
+    from transformer_lens import HookedTransformer
+
+    metadata = sae.cfg.metadata
+    if model is None or isinstance(model, HookedTransformer) or metadata is None:
+        return
+    metadata.model_class_name = type(model).__name__
+    metadata.model_from_pretrained_kwargs = {}
 
 
 class WriteTrainingSAEBase(WriteSAEBase):
@@ -44,6 +95,12 @@ class WriteTrainingSAEBase(WriteSAEBase):
     @torch.no_grad()
     def _upkeep_before_step(self, step_input: TrainStepInput) -> None:
         step = step_input.n_training_steps
+        if not getattr(self, "_runner_checked", False):
+            self._runner_checked = True
+            runner = runner_of_this_training()
+            if runner is not None:
+                check_runner_output_free(runner)
+                record_model_class(self, runner.model)
         if self._b_dec_awaits_mean_init:
             self._check_states(step_input.sae_in)
             self.initialize_b_dec_to_mean_(step_input.sae_in)
