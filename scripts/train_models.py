@@ -4,6 +4,8 @@ Families:
 - `qwen35`: a Qwen3.5-architecture hybrid (`Qwen3_5ForCausalLM`, model_type `qwen3_5_text`): Gated DeltaNet layers with full
   (gated) attention every fourth layer, linear-attention heads with d_k = d_v.
 - `mamba2`: `Mamba2ForCausalLM` (chunk_size 64, the fast setting for tiny CPU configs).
+- `rwkv7`: the library's own pure-torch `HookedRWKV7` (no fla needed), initialised and saved as an fla checkpoint by
+  `scripts/rwkv7_training.py`.
 
 Data: the corpus' train split (scripts/build_corpus.py), tokenized with the shipped tokenizer; documents joined by
 `<|endoftext|>`. Each step takes `--batch` random contiguous blocks of `--ctx` + 1 tokens (seeded generator). AdamW with linear
@@ -47,11 +49,17 @@ CORPUS = REPO / ".cache" / "corpus"
 TOKENIZER = REPO / "writesae_lens" / "data" / "tokenizer"
 MODELS = REPO / "writesae_lens" / "data" / "models"
 TRAIN_DIR = REPO / ".cache" / "train"
-FOLDERS = {"qwen35": "qwen35-tiny", "mamba2": "mamba2-tiny"}
+FOLDERS = {"qwen35": "qwen35-tiny", "mamba2": "mamba2-tiny", "rwkv7": "rwkv7-tiny"}
 
 
 def make_config(family: str, vocab_size: int, bos: int, eos: int, pad: int):
+    """A transformers config (qwen35, mamba2) or an fla-style config mapping (rwkv7)."""
     import transformers
+
+    if family == "rwkv7":
+        from rwkv7_training import rwkv7_config
+
+        return rwkv7_config(vocab_size, bos, eos, pad)
 
     common = dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=True)
     if family == "qwen35":
@@ -90,6 +98,13 @@ def make_config(family: str, vocab_size: int, bos: int, eos: int, pad: int):
             **common,
         )
     raise SystemExit(f"unknown family {family!r}; choose from {sorted(FOLDERS)}")
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    """[batch, pos] -> [batch, pos, vocab] for a transformers model or a hooked one (rwkv7)."""
+    if hasattr(model, "cfg") and hasattr(model, "hook_dict"):
+        return model(ids)
+    return model(input_ids=ids, use_cache=False).logits
 
 
 def reference_decay_init(model, generator: torch.Generator, dt_min: float = 1e-3, dt_max: float = 1e-1) -> None:
@@ -149,8 +164,8 @@ def heldout_loss(model, blocks: torch.Tensor, batch: int) -> float:
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch):
         x = blocks[i : i + batch].long()
-        out = model(input_ids=x[:, :-1], use_cache=False)
-        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
+        logits = logits_of(model, x[:, :-1])  # [batch, ctx, vocab]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
         total, count = total + loss.item(), count + x[:, 1:].numel()
     model.train()
     return total / count
@@ -158,7 +173,12 @@ def heldout_loss(model, blocks: torch.Tensor, batch: int) -> float:
 
 def save(model, tokenizer, out: Path, log: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    if log["family"] == "rwkv7":
+        from rwkv7_training import save_rwkv7
+
+        save_rwkv7(model, log["config"], out)
+    else:
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # A tokenizer loaded from a folder records how it was loaded; that is no property of the saved tokenizer.
     cfg_path = out / "tokenizer_config.json"
@@ -215,7 +235,12 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     config = make_config(args.family, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    model = AutoModelForCausalLM.from_config(config)
+    if args.family == "rwkv7":
+        from rwkv7_training import build_rwkv7
+
+        model = build_rwkv7(config, tokenizer, torch.Generator().manual_seed(args.seed))
+    else:
+        model = AutoModelForCausalLM.from_config(config)
     if args.family == "qwen35" and args.decay_init == "reference":
         reference_decay_init(model, torch.Generator().manual_seed(args.seed + 1))
     model = model.to(args.device)
@@ -243,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         "model_class": type(model).__name__,
         "parameters": n_params,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "config": config.to_dict(),
+        "config": config if isinstance(config, dict) else config.to_dict(),
         "data": {
             "train_sha256": hashlib.sha256((CORPUS / "train.txt").read_bytes()).hexdigest(),
             "heldout_sha256": hashlib.sha256((CORPUS / "heldout.txt").read_bytes()).hexdigest(),
@@ -278,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.stack([train_tokens[s : s + span] for s in starts.tolist()]).long().to(args.device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        logits = model(input_ids=x[:, :-1], use_cache=False).logits  # [batch, ctx, vocab]
+        logits = logits_of(model, x[:, :-1])  # [batch, ctx, vocab]
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()

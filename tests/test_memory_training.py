@@ -4,6 +4,7 @@ Gated DeltaNet heads the per-token decays it promises. Needs the corpus (scripts
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -56,3 +57,34 @@ def test_paused_and_resumed_run_equals_one_run(tmp_path):
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=0, msg=name)
     assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["log"]["resumed_at"] == [3]
+
+
+def test_rwkv7_names_round_trip_through_the_adapters_table():
+    from rwkv7_training import build_rwkv7, fla_name, rwkv7_config
+
+    from writesae_lens.adapters.rwkv7.weights import our_name
+
+    model = build_rwkv7(rwkv7_config(64, 0, 0, 1), None, torch.Generator().manual_seed(0))
+    names = list(model.state_dict())
+    assert [our_name(fla_name(n)) for n in names] == names
+    assert len({fla_name(n) for n in names}) == len(names)
+    # The initial decays spread from long to medium memory, as the docstring of rwkv7_training promises.
+    w0 = model.blocks[0].mixer.w_lora.lora[2].bias.double()
+    retention = torch.exp(-math.exp(-0.5) * torch.sigmoid(w0))
+    assert float(retention.max()) > 0.998 and 0.85 < float(retention.min()) < 0.95
+
+
+@pytest.mark.skipif(not (train_models.CORPUS / "train.txt").exists(), reason="needs the corpus: scripts/build_corpus.py")
+def test_rwkv7_run_saves_an_fla_folder_that_loads_back(tmp_path):
+    from writesae_lens.models import load_hooked_model
+
+    train_models.main(["--family", "rwkv7", "--steps", "2", "--eval-every", "2", "--ctx", "16", "--batch", "2",
+                       "--eval-blocks", "2", "--warmup", "1", "--out", str(tmp_path / "rwkv7")])
+    trained = torch.load(tmp_path / "rwkv7" / "checkpoint.pt", weights_only=False)["model"]
+    loaded = load_hooked_model(tmp_path / "rwkv7")
+    assert type(loaded).__name__ == "HookedRWKV7" and loaded.tokenizer is not None
+    state = loaded.state_dict()
+    assert state.keys() == trained.keys()
+    for name, value in trained.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
+    assert torch.isfinite(loaded(torch.tensor([[0, 5, 7, 9]]))).all()
