@@ -41,6 +41,7 @@ class Mamba2Mixer(MatrixWriteMixer):
     """
 
     delta_rule = False
+    write_key_in_transition = False  # no erase: an edited B goes straight into the chunked run
 
     def __init__(self, cfg: HookedMamba2Config) -> None:
         super().__init__()

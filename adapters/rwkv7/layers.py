@@ -148,7 +148,9 @@ class RWKV7Mixer(DPLRWriteMixer):
         kk = F.normalize(k * upcast(self.k_k).reshape(cfg.n_heads, cfg.d_k), dim=-1)
         k = k * (1 + (a - 1) * upcast(self.k_a).reshape(cfg.n_heads, cfg.d_k))
         bonus = (r * k * upcast(self.r_k)).sum(-1, keepdim=True) * v  # before the write hooks, which may edit in place
-        ones = torch.ones(batch, n_pos, cfg.n_heads, device=x.device)
+        ones = v.new_ones(batch, n_pos, cfg.n_heads)  # the write strength, in the compute dtype
+        if torch.is_grad_enabled() and self.hook_write_beta.has_hooks():
+            ones.requires_grad_()  # a constant, but edits of it (and backward hooks on it) take gradients
 
         if self.layer == 0 and self.hook_write_v.has_hooks():
             v = v.clone()  # an in-place write edit must not change v_first, which the later layers read

@@ -63,3 +63,6 @@ class DPLRWriteMixer(MatrixWriteMixer):
 
     def _propagate(self, query, transition, edits, return_trajectory=False):
         return propagate_dplr_edits(query, *transition, edits, return_trajectory=return_trajectory)
+
+    def _dplr_transition(self, transition) -> tuple:
+        return transition  # already (w, ea, eb)

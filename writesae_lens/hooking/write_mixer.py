@@ -41,10 +41,12 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from ..ops.adjoint import dplr_form, state_adjoint
 from ..ops.finite import all_finite
 from ..ops.gated_delta import recurrence
 from ..ops.state_edits import StateEdits, propagate_edits, validate_edits
 from .padding import pad_mask
+from .state_gradients import UnchangedCells, link_unchanged_cells, needs_link
 from ..ops.precision import upcast
 
 WRITE_HOOK_NAMES = (
@@ -109,9 +111,12 @@ class MatrixWriteMixer(nn.Module):
         # key itself was edited, the write leaves the transition's key: it is removed from the chunked run and
         # re-added as an exact sparse edit.
         write_value = upcast(beta)[..., None] * upcast(value)
-        key_edits = None
+        key_edits = key_cells = None
         if self.write_key_in_transition and key is not native_k:
             moved = (key != native_k).any(-1)  # [batch, pos, head]
+            if needs_link(key):  # the unmoved cells are not read below: link them for gradients
+                key_cells = UnchangedCells(upcast(key), upcast(native_k), ~moved)
+                key_value = write_value
             if bool(moved.any()):
                 b, p, h = moved.nonzero(as_tuple=True)
                 key_edits = StateEdits.build(b, p, h, upcast(key[b, p, h])[:, :, None] * write_value[b, p, h][:, None, :])
@@ -138,12 +143,22 @@ class MatrixWriteMixer(nn.Module):
         )
         with _with_version_counters(want_states):
             reads, final, base_traj = run_base(want_states)
+        state_cells = None
         if want_states:
-            edits = self._apply_state_hook(query, transition, edits, base_traj, lambda: run_base(True)[2])
+            edits, state_cells = self._apply_state_hook(query, transition, edits, base_traj,
+                                                        lambda: run_base(True)[2])
         if edits is not None:
             read_delta, final_delta, _ = self._propagate(query, transition, edits)
             reads = reads + read_delta
             final = final + final_delta
+        if state_cells is not None or key_cells is not None:
+            cuts = None if state_cells is None else ~state_cells.kept
+
+            def adjoint(grad_reads: Tensor, grad_final: Tensor) -> Tensor:
+                return state_adjoint(query, grad_reads, grad_final, *self._dplr_transition(transition), cuts=cuts)
+
+            reads, final = link_unchanged_cells(reads, final, adjoint, state_cells, key_cells,
+                                                key_value if key_cells is not None else None)
         reads = _hooked(self.hook_read, reads)
         return reads, final
 
@@ -181,6 +196,11 @@ class MatrixWriteMixer(nn.Module):
         log_decay, erase_key, erase = transition
         return propagate_edits(query, erase_key, log_decay, erase, edits, return_trajectory=return_trajectory)
 
+    def _dplr_transition(self, transition) -> tuple:
+        """The transition as ``(w, ea, eb)`` of ``diag(exp(w)) - ea eb^T`` (for the adjoint; ``ops.adjoint``)."""
+        log_decay, erase_key, erase = transition
+        return dplr_form(log_decay, erase_key, erase)
+
     def recur_with_cache(self, read_q, write_k, write_v, write_beta, log_decay, layer_cache: dict | None,
                          **transition_factors) -> Tensor:
         """``run_recurrence`` from the cached state, storing the final state back (and, when the cache requests
@@ -207,8 +227,9 @@ class MatrixWriteMixer(nn.Module):
             layer_cache["state"] = final
         return reads
 
-    def _apply_state_hook(self, query, transition, edits, base_traj, rebuild_base) -> StateEdits | None:
-        """Show ``hook_state`` the states the reads see; turn the cells its hooks change into assign edits.
+    def _apply_state_hook(self, query, transition, edits, base_traj, rebuild_base) -> tuple:
+        """Show ``hook_state`` the states the reads see; turn the cells its hooks change into assign edits. Returns
+        (all edits or None, the unchanged cells to link for gradients or None: ``state_gradients``).
 
         No copy of the trajectory is kept for the comparison: a hook that returns a new tensor leaves the shown one
         intact, and one that edits in place is detected by the tensor's version counter, after which the unedited
@@ -228,8 +249,11 @@ class MatrixWriteMixer(nn.Module):
         version = flat._version
         hooked = self.hook_state(flat)
         edited_in_place = flat._version != version
-        if hooked is flat and not edited_in_place:
-            return edits  # nobody edited the states
+        if hooked is flat and not edited_in_place:  # nobody edited the states
+            if not needs_link(flat):
+                return edits, None
+            # gradients: the states shown are what the reads see (``shown`` is another node than ``flat``)
+            return edits, UnchangedCells(flat.reshape(shown.shape), shown, flat.new_ones(flat.shape[:3], dtype=torch.bool))
         hooked = _checked_shape(hooked, flat.shape, "hook_state").reshape(batch, n_pos, n_heads, d_k, d_v)
         hooked = upcast(hooked)
         if edited_in_place:  # the shown tensor was overwritten: rebuild it
@@ -238,14 +262,15 @@ class MatrixWriteMixer(nn.Module):
             else:
                 shown = base_traj + correction
         changed = (hooked != shown).flatten(-2).any(-1)  # [batch, pos, head]
+        cells = UnchangedCells(hooked, shown, ~changed) if needs_link(hooked) else None
         if not bool(changed.any()):
-            return edits
+            return edits, cells
         b, p, h = changed.nonzero(as_tuple=True)
         if not torch.isfinite(hooked[b, p, h]).all():
             raise ValueError("a hook on hook_state returned non-finite values")
         # The edited state at a replaced cell is S' = base + correction, so the correction there becomes S' - base.
         assigns = StateEdits.build(b, p, h, hooked[b, p, h] - base_traj[b, p, h], assign=True)
-        return StateEdits.concat(edits, assigns)
+        return StateEdits.concat(edits, assigns), cells
 
 
 @contextlib.contextmanager
