@@ -22,9 +22,12 @@ def test_05_what_the_dictionary_is(kernel_env):
     assert "Register / bundle partition" in text and "BIC(2)" in text
     assert number_after("identity check: max |loss difference| =", text) < 1e-6
     assert "4 substitutes compared" in text
+    assert "KS contrasts: 3, Holm-adjusted" in text
+    matched = re.search(r"seed 0 atoms matched in seed 1 \(\|cos\| > 0.9\): (\S+)% best match, (\S+)% one-to-one", text)
+    assert matched and 0 <= float(matched.group(2)) <= float(matched.group(1)) <= 100
     for name in ("writesae", "flat_svd_reconstruction", "flat_svd_atom", "rank2", "svd_rank_1"):
         assert name in text, name
     assert re.search(r"delete [-+]\d\.\d+ bits/token, random [-+]\d\.\d+ bits/token", text)
-    for name in ("05_cosine_histogram.png", "05_reconstruction.png"):
+    for name in ("05_cosine_histogram.png", "05_reconstruction.png", "05_cosine_ecdfs.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
-    assert images(notebook) >= 2
+    assert images(notebook) >= 3
