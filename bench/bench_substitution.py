@@ -11,6 +11,9 @@ The straightforward protocol (what the paper's authors' code does) is implemente
 prefix with a cache; for each of the three conditions deep-copy the cache, edit the head's state after position t,
 and run one decoding step at batch 1. Both must give the same KLs (the maximum difference is printed); the ratio of
 firings per second is the figure of merit (goal >= 20x on CPU; >= 60 firings/s on an H200 for the 0.8B shape).
+Both run the layers from the edited one on in ``replacement_test``'s comparison precision (float32 for a bfloat16
+model: ``evaluation/tail_precision.py``, issue #18), so ``--dtype bfloat16`` times and checks the fixed path, the same
+code the CPU bf16 tests run (tests/test_bf16_substitution.py).
 
 Also printed: the time of one plain forward pass over all passages. Any exact method has to run every passage with
 a firing through the model at least once (to find the firings and to reach the states they edit), so
@@ -34,6 +37,7 @@ from sae_checks import firing_sae  # noqa: E402
 
 from writesae_lens.adapters.qwen35 import HookedQwen35  # noqa: E402
 from writesae_lens.evaluation.substitution import head_states, replacement_test  # noqa: E402
+from writesae_lens.evaluation.tail_precision import as_tail_input, comparison_model  # noqa: E402
 from writesae_lens.interventions import atom_matrices  # noqa: E402
 
 SHAPES = {
@@ -62,25 +66,33 @@ def build_model(shape: str, device: str, dtype: torch.dtype) -> HookedQwen35:
 
 @torch.no_grad()
 def straightforward_protocol(model, sae, layer, head, tokens, records) -> list[tuple[float, float, float]]:
-    """Per firing: prefix forward with a cache, then per condition a deep copy, a state edit, one decode step."""
+    """Per firing: prefix forward with a cache, then per condition a deep copy, a state edit, one decode step. The
+    layers before the edited one run in the model's dtype, the rest in the comparison precision (``tail``; the model
+    itself for a float32 model)."""
     atoms = atom_matrices(sae, torch.arange(sae.cfg.d_sae), sae.cfg.d_sae).to(model.cfg.device)
     states, factors = head_states(model, tokens, layer, head)
+    tail = comparison_model(model, layer)
+    dtype = next(tail.blocks[layer].parameters()).dtype
     out = []
     for row in records.drop_duplicates(["passage", "position"]).itertuples():
         p, t = row.passage, row.position
         native_write = factors["beta"][p, t] * torch.outer(factors["k"][p, t], factors["v"][p, t])
-        cache = model.empty_cache()
-        model(tokens[p : p + 1, : t + 1], cache=cache)
-        native = torch.log_softmax(model(tokens[p : p + 1, t + 1 : t + 2], cache=copy.deepcopy(cache))[0, -1].float(), -1)
+        resid = as_tail_input(model(tokens[p : p + 1, : t + 2], stop_at_layer=layer), dtype)  # entering the layer
+
+        def step(cache):  # one decoding step at t + 1 from the layer on
+            return torch.log_softmax(tail(resid[:, t + 1 :], start_at_layer=layer, cache=cache)[0, -1].float(), -1)
+
+        cache = tail.empty_cache()
+        tail(resid[:, : t + 1], start_at_layer=layer, stop_at_layer=model.cfg.n_layers, cache=cache)
+        native = step(copy.deepcopy(cache))
         kls = []
         for edit in (row.coefficient * atoms[row.atom] - native_write, -native_write):
             edited_cache = copy.deepcopy(cache)
             edited_cache.layers[layer]["state"][0, head] += edit
-            logp = torch.log_softmax(model(tokens[p : p + 1, t + 1 : t + 2], cache=edited_cache)[0, -1].float(), -1)
+            logp = step(edited_cache)
             kls.append(float((native.exp() * (native - logp)).sum()))
         # the random condition costs the same third copy and step
-        edited_cache = copy.deepcopy(cache)
-        model(tokens[p : p + 1, t + 1 : t + 2], cache=edited_cache)
+        step(copy.deepcopy(cache))
         out.append((p, t, *kls))
     return out
 
