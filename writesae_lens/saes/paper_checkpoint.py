@@ -24,7 +24,12 @@ State layout. The paper's Mamba-2 SAEs were trained on transformers' cache, `h_t
 [d_k, d_v], key side first). `state_layout="head_dim_first"` converts such a checkpoint: the
 factors swap roles (the paper's d_state-side factor becomes the key side), the dense encoder's
 columns and the flat decoder's rows are permuted from vec(h) to vec(h^T), and the bias matrix is
-transposed; the imported SAE then takes our `hook_state` and gives the paper's codes.
+transposed; the imported SAE then takes our `hook_state` and gives the paper's codes. Gated
+DeltaNet checkpoints are "key_first" (kept as they are). The default, `state_layout="auto"`,
+decides from the evidence (`paper_state_layout`: a `model=`, a family named in the config, or the
+state shape and recipe of the authors' runs) and refuses when there is none, since a wrong layout
+runs without an error. With `model=`, the imported SAE's (d_k, d_v), layer and head are checked
+against the model.
 
 Inference threshold. The paper's BatchTopK SAEs keep no threshold, so an imported BatchTopK SAE
 has none either (NaN): `save_inference_model` refuses until `estimate_batchtopk_threshold_` has
@@ -46,6 +51,14 @@ from torch import Tensor
 
 from writesae_lens.saes.batchtopk import WriteBatchTopKTrainingSAE, WriteBatchTopKTrainingSAEConfig
 from writesae_lens.saes.jumprelu import WriteJumpReLUSAE, WriteJumpReLUSAEConfig
+from writesae_lens.saes.paper_state_layout import (
+    AUTO,
+    STATE_LAYOUTS,
+    LayoutDecision,
+    StateLayoutError,
+    decide_state_layout,
+    how_to_choose,
+)
 from writesae_lens.saes.topk import WriteTopKSAE, WriteTopKSAEConfig
 
 SUPPORTED_SAE_TYPES = ("bilinear", "bilinear_tied", "bilinear_jumprelu", "rank1", "flat")
@@ -54,12 +67,17 @@ KNOWN_UNSUPPORTED_SAE_TYPES = ("bilinear_flat", "bilinear_gated")
 IGNORED_KEYS = ("steps_since_active",)
 # "key_first": trained on [d_k, d_v] states as hook_state gives them (Gated DeltaNet: transformers' cache is key-first).
 # "head_dim_first": trained on transformers' Mamba-2 cache [head_dim, d_state], the transpose of hook_state.
-StateLayout = Literal["key_first", "head_dim_first"]
-STATE_LAYOUTS = ("key_first", "head_dim_first")
+# "auto": decided from the model or the checkpoint (paper_state_layout.decide_state_layout), refused when it cannot be.
+StateLayout = Literal["auto", "key_first", "head_dim_first"]
+STATE_LAYOUT_CHOICES = (AUTO, *STATE_LAYOUTS)
 
 
 class PaperCheckpointError(ValueError):
     """A file or dict that is not a paper checkpoint this importer can read."""
+
+
+class PaperStateLayoutError(PaperCheckpointError, StateLayoutError):
+    """The state layout of a paper checkpoint cannot be decided, or does not fit the model given."""
 
 
 @dataclass(frozen=True)
@@ -90,9 +108,11 @@ def load_paper_checkpoint(
     dtype: str = "float32",
     device: str = "cpu",
     trust_pickle: bool = False,
-    state_layout: str = "key_first",  # a StateLayout; checked below with a clear error
+    state_layout: str = "auto",  # a StateLayout; checked below with a clear error
+    model: Any = None,
 ) -> SAE[Any]:
-    """Read a paper checkpoint file and return the matching SAE (see `convert_paper_checkpoint`).
+    """Read a paper checkpoint file and return the matching SAE (see `convert_paper_checkpoint`
+    for state_layout and model).
 
     The file is read with `torch.load(weights_only=True)`; pass trust_pickle=True to allow
     arbitrary pickled objects in a file you trust.
@@ -106,7 +126,9 @@ def load_paper_checkpoint(
             f"Could not read {path} as a plain tensor/dict torch file ({error}). If you trust the "
             "file, call load_paper_checkpoint(..., trust_pickle=True)."
         ) from error
-    return convert_paper_checkpoint(checkpoint, dtype=dtype, device=device, state_layout=state_layout)
+    return convert_paper_checkpoint(
+        checkpoint, dtype=dtype, device=device, state_layout=state_layout, model=model
+    )
 
 
 def convert_paper_checkpoint(
@@ -114,31 +136,72 @@ def convert_paper_checkpoint(
     *,
     dtype: str = "float32",
     device: str = "cpu",
-    state_layout: str = "key_first",  # a StateLayout; checked below with a clear error
+    state_layout: str = "auto",  # a StateLayout; checked below with a clear error
+    model: Any = None,
 ) -> SAE[Any]:
     """Turn a loaded paper checkpoint dict into a WriteSAE (or SAELens SAE for flat checkpoints).
 
-    state_layout: the layout of the states the checkpoint was trained on. "key_first" (default:
-    the Gated DeltaNet checkpoints, trained on transformers' [d_k, d_v] cache, which hook_state
-    keeps) or "head_dim_first" (the Mamba-2 checkpoints, trained on transformers' [head_dim,
-    d_state] cache, the transpose of hook_state; see the module docstring). The result always
-    takes hook_state's layout.
+    state_layout: the layout of the states the checkpoint was trained on. "key_first" (the Gated
+    DeltaNet checkpoints, trained on transformers' [d_k, d_v] cache, which hook_state keeps),
+    "head_dim_first" (the Mamba-2 checkpoints, trained on transformers' [head_dim, d_state]
+    cache, the transpose of hook_state; see the module docstring), or "auto" (default): decided
+    from `model`, else from a model family the config names, else from the state shape and
+    recipe of the authors' runs; a PaperStateLayoutError naming both layouts when none of these
+    tells. The result always takes hook_state's layout; `metadata.paper_state_layout` and
+    `metadata.paper_state_layout_reason` record the layout used and why.
+
+    model: the hooked model the SAE is for (optional). It decides "auto" (HookedMamba2 ->
+    head_dim_first, other families -> key_first), and the imported SAE's (d_k, d_v), layer and
+    head are checked against it whatever the layout.
     """
-    if state_layout not in STATE_LAYOUTS:
-        raise PaperCheckpointError(f"state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}.")
     state, config = _unpack(checkpoint)
     state = {name: tensor for name, tensor in state.items() if name not in IGNORED_KEYS}
     sae_type = _resolve_sae_type(config, state)
     state = {name: _upgrade_2d_factor(name, tensor) for name, tensor in state.items()}
     spec = _read_spec(sae_type, config, state)
-    if state_layout == "head_dim_first":
+    try:
+        decision = decide_state_layout(state_layout, config, spec.d_k, spec.d_v, model=model)
+    except StateLayoutError as error:
+        raise PaperStateLayoutError(str(error)) from error
+    if decision.layout == "head_dim_first":
         state, spec = transpose_state_layout(state, spec)
+    if model is not None:
+        check_against_model(spec, model, decision)
     convert = _CONVERTERS[sae_type]
     sae = convert(state, spec, dtype)
-    sae.cfg.metadata = _metadata(spec, config, state_layout)
+    sae.cfg.metadata = _metadata(spec, config, decision)
     if hasattr(sae.cfg, "add_training_info_to_metadata"):
         sae.cfg.add_training_info_to_metadata()
     return sae.to(device=device)
+
+
+def check_against_model(spec: PaperSAESpec, model: Any, decision: LayoutDecision) -> None:
+    """The imported SAE (spec after any transposition) fits `model`'s hook_state: its (d_k, d_v),
+    and the layer and head it was trained on."""
+    cfg = model.cfg
+    why = f"state_layout={decision.layout!r} ({decision.reason})"
+    if (spec.d_k, spec.d_v) != (cfg.d_k, cfg.d_v):
+        transposed = (spec.d_v, spec.d_k) == (cfg.d_k, cfg.d_v)
+        hint = (
+            " The transposed shape would fit: the layout is probably the other one. "
+            if transposed
+            else " It was trained on another model. "
+        )
+        raise PaperStateLayoutError(
+            f"Imported with {why}, the SAE encodes [d_k, d_v] = [{spec.d_k}, {spec.d_v}] states, but "
+            f"{type(model).__name__}'s hook_state is [{cfg.d_k}, {cfg.d_v}] per head.{hint}"
+            + how_to_choose()
+        )
+    if spec.layer is not None and spec.layer not in cfg.recurrent_layers:
+        raise PaperStateLayoutError(
+            f"The checkpoint was trained on layer {spec.layer}, which is not a recurrent layer of "
+            f"{type(model).__name__} (recurrent layers: {cfg.recurrent_layers})."
+        )
+    if spec.head is not None and not 0 <= spec.head < cfg.n_heads:
+        raise PaperStateLayoutError(
+            f"The checkpoint was trained on head {spec.head}; {type(model).__name__} has heads "
+            f"0..{cfg.n_heads - 1}."
+        )
 
 
 # ---- reading the checkpoint ---------------------------------------------------------------------
@@ -266,11 +329,14 @@ def _refuse_leftovers(state: Mapping[str, Tensor], spec: PaperSAESpec) -> None:
         )
 
 
-def _metadata(spec: PaperSAESpec, config: Mapping[str, Any], state_layout: str) -> SAEMetadata:
+def _metadata(
+    spec: PaperSAESpec, config: Mapping[str, Any], decision: LayoutDecision
+) -> SAEMetadata:
     plain = (str, int, float, bool, type(None))
     metadata = SAEMetadata(
         paper_checkpoint_config={k: v for k, v in config.items() if isinstance(v, plain)},
-        paper_state_layout=state_layout,
+        paper_state_layout=decision.layout,
+        paper_state_layout_reason=decision.reason,
     )
     if spec.layer is not None:
         metadata.hook_name = f"blocks.{spec.layer}.mixer.hook_state"
