@@ -223,6 +223,20 @@ def test_a_state_sae_without_a_head_is_refused(model):
         model.add_sae(sae)
 
 
+def test_an_sae_as_a_plain_hook_is_refused(model):
+    """Issue #14 part 3: ``(hook_state, sae)`` as a hook used to run one head's SAE on every head."""
+    sae = state_sae(model)
+    name = sae.cfg.metadata.hook_name
+    with pytest.raises(ValueError, match="every head's state"), torch.no_grad():
+        model.run_with_hooks(tokens_for(model), fwd_hooks=[(name, sae)])
+    with pytest.raises(ValueError, match="add_sae"):
+        model.add_hook(name, sae)
+    with pytest.raises(ValueError, match="not a hook function"):
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", sae)]):
+            pass
+    assert all(not point.fwd_hooks for point in model.hook_dict.values())
+
+
 def test_bad_splices_are_refused(model):
     sae = state_sae(model)
     with pytest.raises(ValueError, match="mode must be one of"):

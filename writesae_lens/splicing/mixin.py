@@ -114,6 +114,16 @@ class HookedSAEMixin:
         with self.saes(saes, reset_saes_end, use_error_term, mode):
             return self.run_with_hooks(*model_args, fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks), **kwargs)
 
+    # ---- an SAE passed as a plain hook is refused ------------------------------------------------------------
+
+    def add_hook(self, name: Any, hook: Any, *args: Any, **kwargs: Any) -> Any:
+        _refuse_sae_as_hook(name, hook)
+        return super().add_hook(name, hook, *args, **kwargs)
+
+    def _enable_hook(self, name: Any, hook: Any, dir: Any) -> Any:  # run_with_hooks / hooks() attach through here
+        _refuse_sae_as_hook(name, hook)
+        return super()._enable_hook(name, hook, dir)
+
     # ---- forward ----------------------------------------------------------------------------------------------
 
     def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
@@ -260,6 +270,25 @@ def _bound_arguments(forward: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             arguments.update(arguments.pop(name, {}))
     return arguments
+
+
+def _refuse_sae_as_hook(name: Any, hook: Any) -> None:
+    """``(hook_name, sae)`` as a plain hook would run the SAE on the whole activation: on ``hook_state`` that is every
+    head's state encoded with one head's dictionary. Splicing places it by its metadata instead."""
+    from sae_lens.saes.sae import SAE
+
+    if not isinstance(hook, SAE):
+        return
+    where = name if isinstance(name, str) else "hook points chosen by a filter"
+    if isinstance(name, str) and name.rsplit(".", 1)[-1] == "hook_state":
+        why = (f"{name} holds every head's state [batch, pos, head, d_k * d_v], so the SAE would encode each head "
+               "with one head's dictionary")
+    else:
+        why = "an SAE is not a hook function (its error term, cache names and modes come from splicing it)"
+    raise ValueError(
+        f"an SAE passed as a plain hook on {where}: {why}. Splice it instead: model.add_sae(sae) or "
+        "model.run_with_saes(tokens, saes=[sae]), with sae.cfg.metadata.hook_name set to the hook (and "
+        "hook_head_index to the head, for a state SAE); see docs/splicing.md")
 
 
 def _as_list(saes: Any) -> list:
