@@ -1,0 +1,91 @@
+"""Every recurrent cell of a model trained from one activation stream, against one single-cell run per cell.
+
+The baseline is the single-cell path (``pipeline.train_state_sae``, SAELens' runner, one model pass per batch and
+cell); the sweep prepares the same runners and trains them from one stream (``writesae_lens.sweeps.stream``: one
+model pass per batch for every cell). Both train every cell on the same tokens with the same settings and seeds, in
+the same process, one after the other; the script checks that both give the same SAEs and prints the wall times
+and their ratio, for final-token states (the paper's recipe: one state per context) and, with ``--all-positions``,
+for states at every position.
+
+    OMP_NUM_THREADS=1 python bench/bench_sweep.py --threads 1                   # qwen35-tiny, 12 cells
+    OMP_NUM_THREADS=1 python bench/bench_sweep.py --threads 1 --all-positions
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def settings_for(args, layer: int, head: int):
+    from writesae_lens import pipeline
+
+    if args.all_positions:
+        return pipeline.TrainSettings(layer=layer, head=head, d_sae=args.d_sae, k=args.k, context_size=args.context,
+                                      training_tokens=args.steps * args.context * 4, batch_tokens=args.context * 4,
+                                      lr=1e-3, warmup_steps=1, seed=layer * 100 + head)
+    return pipeline.TrainSettings(layer=layer, head=head, d_sae=args.d_sae, k=args.k, context_size=args.context,
+                                  training_tokens=args.steps * 16, batch_tokens=16, lr=1e-3, warmup_steps=1,
+                                  final_token_only=True, seed=layer * 100 + head)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen35-tiny")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--context", type=int, default=64, help="tokens per context")
+    parser.add_argument("--steps", type=int, default=6, help="training steps per cell")
+    parser.add_argument("--d-sae", type=int, default=128)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--all-positions", action="store_true", help="states at every position (default: final token)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from sae_lens import SAE
+
+    import writesae_lens.saes  # noqa: F401
+    from writesae_lens import pipeline
+    from writesae_lens.data import load_heldout_documents
+    from writesae_lens.models import load_hooked_model
+    from writesae_lens.sweeps.stream import prepare_cell, train_cells
+
+    model = load_hooked_model(args.model)
+    documents, _ = pipeline.split_documents(load_heldout_documents())
+    cells = [(layer, head) for layer in model.cfg.recurrent_layers for head in range(model.cfg.n_heads)]
+    recipe = "all positions" if args.all_positions else "final token"
+    example = settings_for(args, *cells[0])
+    print(f"{args.model}: {len(cells)} cells, {recipe}, context {args.context}, {args.steps} steps of "
+          f"{example.batch_tokens} states, d_sae {args.d_sae}, k {args.k}, {args.threads} thread(s)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        for layer, head in cells:
+            pipeline.train_state_sae(model, documents, settings_for(args, layer, head), root / "alone" / f"{layer}-{head}")
+        separate = time.perf_counter() - start
+
+        start = time.perf_counter()
+        prepared = [prepare_cell(f"{layer}-{head}", pipeline.train_state_sae, model, documents,
+                                 settings_for(args, layer, head), root / "stream" / f"{layer}-{head}", "cpu")
+                    for layer, head in cells]
+        prepare = time.perf_counter() - start
+        train_cells(prepared, progress=False)
+        stream = time.perf_counter() - start
+
+        worst = 0.0
+        for layer, head in cells:
+            a = SAE.load_from_disk(root / "alone" / f"{layer}-{head}").state_dict()
+            b = SAE.load_from_disk(root / "stream" / f"{layer}-{head}").state_dict()
+            worst = max([worst] + [float((a[n] - b[n]).abs().max()) for n in a])
+    print(f"separate single-cell runs: {separate:8.2f} s")
+    print(f"one stream:                {stream:8.2f} s (of which preparing the {len(cells)} runners {prepare:.2f} s)")
+    print(f"ratio separate / stream:   {separate / stream:8.2f}x")
+    print(f"largest weight difference between the two: {worst:.3g}")
+
+
+if __name__ == "__main__":
+    main()
