@@ -167,7 +167,7 @@ class HookedRecurrentLM(HookedRootModule):
         self,
         single_token: str | int,
         input: str | Tensor,
-        mode: Literal["first", "last"] = "first",
+        mode: str = "first",  # "first" or "last" (checked below, with a clear error)
         prepend_bos: bool | None = None,
         padding_side: Literal["left", "right"] | None = None,
     ) -> int:
