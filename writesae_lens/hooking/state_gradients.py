@@ -76,7 +76,8 @@ class _Link(torch.autograd.Function):
         lam = ctx.adjoint(grad_reads, grad_final)  # [batch, pos, head, d_k, d_v]
         state_grad = key_grad = None
         if ctx.state_kept is not None:
-            state_grad = lam * ctx.state_kept[..., None, None].to(lam.dtype)
+            every = bool(ctx.state_kept.all())
+            state_grad = lam if every else lam * ctx.state_kept[..., None, None].to(lam.dtype)
         if ctx.key_kept is not None:
             kept = ctx.key_kept if ctx.state_kept is None else ctx.key_kept & ctx.state_kept  # a replaced state hides it
             key_grad = torch.einsum("bphkv,bphv->bphk", lam, ctx.u.to(lam.dtype)) * kept[..., None].to(lam.dtype)
@@ -84,3 +85,35 @@ class _Link(torch.autograd.Function):
         neg = lambda g, i: None if g is None else (-g).to(ctx.dtypes[i])  # noqa: E731
         return (None, None, grad_reads, grad_final,
                 cast(state_grad, 0), neg(state_grad, 1), None, cast(key_grad, 2), neg(key_grad, 3), None)
+
+
+def untaped_trajectory(run: Callable[..., Tensor], *inputs: Tensor | None) -> Tensor:
+    """``run(*inputs)``, a state trajectory [batch, pos, head, d_k, d_v], computed without autograd's tape (the
+    fast in-place path of the chunked algorithms), yet differentiable: the backward recomputes it with the tape, and
+    only when its gradient is not zero. The gradient of the states shown to ``hook_state`` is exactly zero whenever
+    the hooks' outputs depend on them as ``x + (something that does not depend on x)``: the link above gives the
+    output ``lam`` and the shown states ``-lam``, which cancel exactly. Outside autograd this is ``run(*inputs)``."""
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)):
+        return run(*inputs)
+    return _Untaped.apply(run, *inputs)
+
+
+class _Untaped(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, *inputs):
+        ctx.run = run
+        ctx.save_for_backward(*inputs)
+        return run(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = ctx.saved_tensors
+        wanted = [i for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[1 + i]]
+        grads = [None] * len(inputs)
+        if wanted and bool(torch.count_nonzero(grad)):  # (count_nonzero: no boolean temporary)
+            with torch.enable_grad():
+                again = [x.detach().requires_grad_() if i in wanted else x for i, x in enumerate(inputs)]
+                found = torch.autograd.grad(ctx.run(*again), [again[i] for i in wanted], grad, allow_unused=True)
+            for i, g in zip(wanted, found):
+                grads[i] = g
+        return (None, *grads)

@@ -46,7 +46,7 @@ from ..ops.finite import all_finite
 from ..ops.gated_delta import recurrence
 from ..ops.state_edits import StateEdits, propagate_edits, validate_edits
 from .padding import pad_mask
-from .state_gradients import UnchangedCells, link_unchanged_cells, needs_link
+from .state_gradients import UnchangedCells, link_unchanged_cells, needs_link, untaped_trajectory
 from ..ops.precision import upcast
 
 WRITE_HOOK_NAMES = (
@@ -141,12 +141,22 @@ class MatrixWriteMixer(nn.Module):
         run_base = lambda trajectory: self._recurrence(  # noqa: E731
             query, key, write_value, transition, initial_state, return_trajectory=trajectory
         )
+        n_factors = len(transition)
+
+        def trajectory_only(q, k, u, initial, *factors):  # [b, p, h, d_k, d_v]
+            return self._recurrence(q, k, u, factors[:n_factors], initial, return_trajectory=True)[2]
+
         with _with_version_counters(want_states):
-            reads, final, base_traj = run_base(want_states)
+            if want_states and torch.is_grad_enabled():  # the reads with autograd, the states off its tape
+                reads, final, _ = run_base(False)
+                base_traj = untaped_trajectory(trajectory_only, query, key, write_value, initial_state, *transition)
+            else:
+                reads, final, base_traj = run_base(want_states)
         state_cells = None
         if want_states:
-            edits, state_cells = self._apply_state_hook(query, transition, edits, base_traj,
-                                                        lambda: run_base(True)[2])
+            edits, state_cells = self._apply_state_hook(
+                query, transition, edits, base_traj,
+                lambda: untaped_trajectory(trajectory_only, query, key, write_value, initial_state, *transition))
         if edits is not None:
             read_delta, final_delta, _ = self._propagate(query, transition, edits)
             reads = reads + read_delta

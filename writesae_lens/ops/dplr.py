@@ -200,14 +200,14 @@ def _chunk_trajectories(starts: Tensor, k: Tensor, u: Tensor, w: Tensor, ea: Ten
     each state is computed in its slot of the output, from the previous slot, with no temporaries."""
     b, h, n, chunk, d_k = k.shape
     d_v = u.shape[-1]
-    states = trajectory_buffer((b, n, chunk, h, d_k, d_v), starts.device, starts.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (starts, k, u, w, ea, recalled)):
-        state = starts  # out= writes have no autograd: build each state, then copy it in
+        state, states = starts, []  # out= writes have no autograd: build each state, then stack them
         for i in range(chunk):
             state = (state * w[..., i, :, None].exp() + k[..., i, :, None] * u[..., i, None, :]
                      - ea[..., i, :, None] * recalled[..., i, None, :])
-            states[:, :, i] = state.transpose(1, 2)
-        return states
+            states.append(state.transpose(1, 2))
+        return torch.stack(states, dim=2)
+    states = trajectory_buffer((b, n, chunk, h, d_k, d_v), starts.device, starts.dtype)
     # the factors in the output's order: [b, n, C, h, ...]
     in_order = lambda x: x.permute(0, 2, 3, 1, 4).contiguous()  # noqa: E731
     decay, keys, erase = (in_order(x)[..., None] for x in (w.exp(), k, ea))

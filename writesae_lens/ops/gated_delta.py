@@ -216,13 +216,13 @@ def _chunk_trajectories(starts: Tensor, k: Tensor, deltas: Tensor, cum_log_decay
     b, h, n, chunk, d_k = k.shape
     d_v = deltas.shape[-1]
     step_decay = torch.diff(cum_log_decay, dim=-1, prepend=torch.zeros_like(cum_log_decay[..., :1])).exp()
-    states = trajectory_buffer((b, n, chunk, h, d_k, d_v), starts.device, starts.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (starts, k, deltas, cum_log_decay)):
-        state = starts  # out= writes have no autograd: build each state, then copy it in
-        for i in range(chunk):
+        state, states = starts, []  # out= writes have no autograd: build each state, then stack them (copying
+        for i in range(chunk):  # each into a slot instead would make the backward copy the whole buffer per slot)
             state = torch.addcmul(state * step_decay[..., i, None, None], k[..., i, :, None], deltas[..., i, None, :])
-            states[:, :, i] = state.transpose(1, 2)
-        return states
+            states.append(state.transpose(1, 2))
+        return torch.stack(states, dim=2)
+    states = trajectory_buffer((b, n, chunk, h, d_k, d_v), starts.device, starts.dtype)
     # the factors in the output's order: [b, n, C, h, ...]
     decay = step_decay.permute(0, 2, 3, 1).contiguous()[..., None, None]
     keys = k.permute(0, 2, 3, 1, 4).contiguous()[..., None]
