@@ -19,7 +19,7 @@ def test_07_splicing_saes(kernel_env):
     text = text_output(notebook)
     assert "HookedSAEQwen35" in text
     for hook in ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_output"):
-        assert f".head" in text and f".{hook} " in text, hook
+        assert ".mixer.hook_state.head" in text and f".{hook} " in text, hook
     assert "left as it is in mode='read': True" in text
     assert number_after("error term on, mode='read': max |difference| =", text) < 1e-5
     assert number_after("error term on, mode='state': max |difference| =", text) < 1e-5
