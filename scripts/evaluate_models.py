@@ -8,8 +8,13 @@ blocks of `--ctx` + 1 tokens; each block starts from an empty state and the last
 unigram model (token counts of the train split, add-one smoothing over the whole vocabulary) is scored on exactly the same target
 tokens. Needs the train split (scripts/build_corpus.py) for the unigram counts.
 
+The memory report (`writesae_lens.evaluation.memory`, the same as `writesae inspect`) of every model is measured on the first
+`--memory-passages` passages of `--memory-len` tokens of the held-out text and written to the card's "Memory report" section;
+`--memory-only` measures only that and replaces the section in the existing card (the rest of the card is kept as it is).
+
     python scripts/evaluate_models.py                 # all shipped models, writes MODEL_CARD.md
     python scripts/evaluate_models.py --no-card --max-blocks 50
+    python scripts/evaluate_models.py --memory-only   # refresh the memory section only
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
-from train_models import FOLDERS, load_tokens  # noqa: E402
+from train_models import FOLDERS, load_tokens, logits_of  # noqa: E402
 
 from writesae_lens.data import heldout_text_path, tokenizer_path  # noqa: E402
 
@@ -40,6 +45,23 @@ PROMPTS = [
     "The Congress of the United States",
     "She looked at him and",
 ]
+
+
+def load_model(folder: Path):
+    """transformers' model for qwen35 / mamba2 folders; the library's HookedRWKV7 for rwkv7 ones (transformers does not
+    know fla's model type), with its config as a namespace for `describe`."""
+    from types import SimpleNamespace
+
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") == "rwkv7":
+        from writesae_lens.models import load_hooked_model
+
+        model = load_hooked_model(folder)
+        model.config = SimpleNamespace(**config)
+        return model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
 def heldout_blocks(tokenizer, ctx: int, max_blocks: int | None) -> torch.Tensor:
@@ -64,7 +86,7 @@ def model_nll(model, blocks: torch.Tensor, batch: int) -> float:
     total = 0.0
     for i in range(0, len(blocks), batch):
         x = blocks[i : i + batch]
-        logits = model(input_ids=x[:, :-1], use_cache=False).logits.double()  # [batch, ctx, vocab]
+        logits = logits_of(model, x[:, :-1]).double()  # [batch, ctx, vocab]
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
     return total / blocks[:, 1:].numel()
 
@@ -75,6 +97,11 @@ def samples(model, tokenizer, max_new_tokens: int) -> list[tuple[str, str]]:
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+        if hasattr(model, "hook_dict"):  # a hooked model (rwkv7): its own generate, greedy, not stopping at EOS
+            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, stop_at_eos=False,
+                                 return_type="tokens", verbose=False)
+            out.append((prompt, tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=False)))
+            continue
         gen = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -84,6 +111,107 @@ def samples(model, tokenizer, max_new_tokens: int) -> list[tuple[str, str]]:
         )
         out.append((prompt, tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=False)))
     return out
+
+
+MEMORY_HEADING = "## Memory report"
+# What the first release's runs used for arguments their logs do not record (decay_init came later)
+DEFAULTS = {"ctx": 256, "batch": 16, "lr": 0.003, "warmup": 100, "decay_init": "transformers"}
+
+
+def memory_section(models: list[str], n_passages: int, n_pos: int) -> list[str]:
+    """The card's memory section: per model, a summary line and the per-head table, as measured now."""
+    from writesae_lens import pipeline
+    from writesae_lens.data import load_heldout_documents
+    from writesae_lens.evaluation.memory import MemorySettings, choose_demo_cell, memory_report
+    from writesae_lens.models import load_hooked_model
+
+    settings = MemorySettings()
+    lines = [
+        MEMORY_HEADING,
+        "",
+        f"Measured by `scripts/evaluate_models.py` (the same report as `writesae inspect`) on the first {n_passages} passages of "
+        f"{n_pos} tokens of the held-out text, positions >= {settings.first_position}. Per head: the per-token decay "
+        "`a_t = exp(decay_t)` (10/50/90 % quantiles); the write share, median `||beta_t k_t v_t^T|| / ||S_t||` (1 = the state "
+        "is only the current write); the memory length, the first lag at which a write propagated alone through the head's "
+        f"own transitions keeps less than {settings.threshold:.0%} of its norm (median over {settings.sources_per_passage} "
+        f"source positions per passage; {settings.max_lag + 1} = still above within {settings.max_lag} tokens); KL (nats per "
+        "token) of the next-token distribution when the head's state is zeroed at every read, or cut to the current write "
+        "(what the memory of earlier tokens adds).",
+        "",
+    ]
+    for name in models:
+        folder = MODELS / name
+        if not (folder / "config.json").exists():
+            continue
+        model = load_hooked_model(folder)
+        tokens = pipeline.token_passages(model, load_heldout_documents(), n_passages, n_pos)
+        t0 = time.time()
+        report = memory_report(model, tokens, settings, progress=True)
+        table = report.table
+        layer, head, reason = choose_demo_cell(report=report)
+        long = int((table["memory_length"] >= 10).sum())
+        print(f"{name}: memory report in {time.time() - t0:.0f} s; {long}/{len(table)} heads keep a write >= 10 tokens",
+              flush=True)
+        note = decay_init_note(folder)
+        lines += [
+            f"### `{name}`",
+            "",
+            *note,
+            f"Median over heads: per-token decay {table['decay_q50'].median():.2f}, write share "
+            f"{table['write_share'].median():.2f}, memory length {table['memory_length'].median():g} tokens; {long} of "
+            f"{len(table)} heads keep a write above {settings.threshold:.0%} for 10 tokens or more. Suggested demo cell "
+            f"(`choose_demo_cell`): {reason}.",
+            "",
+            "| layer | head | decay q10 / q50 / q90 | write share | memory length | KL zero | KL memory |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in table.itertuples():
+            lines.append(
+                f"| {r.layer} | {r.head} | {r.decay_q10:.2f} / {r.decay_q50:.2f} / {r.decay_q90:.2f} | {r.write_share:.2f} | "
+                f"{r.memory_length:g} | {r.kl_zero:.4f} | {r.kl_memory:.4f} |"
+            )
+        lines.append("")
+    return lines
+
+
+def decay_init_note(folder: Path) -> list[str]:
+    """For a Qwen3.5 model trained with transformers' decay initialisation: why its heads forget (card lines)."""
+    log = json.loads((folder / "training_log.json").read_text())
+    if log.get("family") != "qwen35" or log["args"].get("decay_init", "transformers") != "transformers":
+        return []
+    return [
+        "Why its heads forget: it was initialised as transformers initialises a Qwen3.5 Gated DeltaNet, `dt_bias = 1`",
+        "and `A ~ U(0.01, 16)`, so a head starts keeping `exp(-A softplus(1)) = exp(-1.31 A)` of its state per token",
+        "(below 0.27 for every head with A > 1), and 256-token training blocks gave it no reason to learn slower",
+        f"decays (trained `A` {format_rates(folder)}). The retraining recipe (`--decay-init reference`, contexts of",
+        "1024 tokens) starts every head with a per-token decay between about 0.2 and 1 (median about 0.9).",
+        "",
+    ]
+
+
+def format_rates(folder: Path) -> str:
+    """The trained per-head decay rates exp(A_log) * softplus(dt_bias) of a Gated DeltaNet folder, e.g. "0.9 to 19.6"."""
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "model.safetensors")
+    rates = []
+    for key, a_log in state.items():
+        if key.endswith("A_log"):
+            dt_bias = state[key[: -len("A_log")] + "dt_bias"]
+            rates += (a_log.double().exp() * torch.nn.functional.softplus(dt_bias.double())).tolist()
+    return f"x softplus(dt_bias) from {min(rates):.2f} to {max(rates):.1f} per token, median {sorted(rates)[len(rates) // 2]:.1f}"
+
+
+def replace_memory_section(card: str, section: list[str]) -> str:
+    """``card`` with its memory section (from its heading to the next level-2 heading) replaced by ``section``, or the
+    section inserted before "## Architectures" when the card has none."""
+    lines = card.split("\n")
+    if MEMORY_HEADING in lines:
+        start = lines.index(MEMORY_HEADING)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    else:
+        start = end = lines.index("## Architectures")
+    return "\n".join(lines[:start] + section + lines[end:])
 
 
 def describe(config) -> str:
@@ -97,6 +225,14 @@ def describe(config) -> str:
             f"{c.num_key_value_heads} KV heads of {c.head_dim} (partial rotary {c.rope_parameters['partial_rotary_factor']}); "
             f"tied embeddings, vocab {c.vocab_size}."
         )
+    if c.model_type == "rwkv7":
+        return (
+            f"RWKV-7 (fla `RWKV7ForCausalLM` format, model_type `rwkv7`, run by the library's pure-torch `HookedRWKV7`): "
+            f"{c.num_hidden_layers} layers, d_model {c.hidden_size}, {c.hidden_size // c.head_dim} heads of d_k = "
+            f"{c.head_dim}, d_v = {c.value_dim // (c.hidden_size // c.head_dim)}, channel mix {c.intermediate_size}, "
+            f"low-rank dims decay {c.decay_low_rank_dim} / a {c.a_low_rank_dim} / v {c.v_low_rank_dim} / gate "
+            f"{c.gate_low_rank_dim}; untied embeddings, vocab {c.vocab_size}."
+        )
     if c.model_type == "mamba2":
         return (
             f"`Mamba2ForCausalLM` (model_type `mamba2`): {c.num_hidden_layers} layers, d_model {c.hidden_size}, expand "
@@ -108,17 +244,31 @@ def describe(config) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", default=[FOLDERS[f] for f in ("qwen35", "mamba2")])
+    parser.add_argument("--models", nargs="*", default=[FOLDERS[f] for f in ("qwen35", "mamba2", "rwkv7")],
+                        help="shipped model folders to evaluate (missing ones are skipped)")
     parser.add_argument("--ctx", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-blocks", type=int, default=None, help="score only the first N blocks (quick checks)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-card", action="store_true", help="print the results, do not write MODEL_CARD.md")
+    parser.add_argument("--memory-passages", type=int, default=8, help="passages for the memory report")
+    parser.add_argument("--memory-len", type=int, default=256, help="tokens per memory-report passage")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="measure only the memory report and replace its section in the existing MODEL_CARD.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if args.memory_only:
+        section = memory_section(args.models, args.memory_passages, args.memory_len)
+        if args.no_card:
+            print("\n".join(section))
+            return
+        path = MODELS / "MODEL_CARD.md"
+        path.write_text(replace_memory_section(path.read_text(), section))
+        print(f"wrote the memory section of {path}")
+        return
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
     blocks = heldout_blocks(tokenizer, args.ctx, args.max_blocks)
@@ -132,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (folder / "config.json").exists():
             print(f"{name}: no model at {folder}, skipped", flush=True)
             continue
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        model = load_model(folder)
         log = json.loads((folder / "training_log.json").read_text())
         t0 = time.time()
         nll = model_nll(model, blocks, args.batch)
@@ -160,17 +310,20 @@ def main(argv: list[str] | None = None) -> None:
             print(f"   {prompt!r} -> {cont!r}", flush=True)
     if args.no_card or not results:
         return
-    write_card(results, uni_nll, blocks, args)
+    write_card(results, uni_nll, blocks, args, memory_section([r["name"] for r in results], args.memory_passages,
+                                                              args.memory_len))
 
 
-def write_card(results: list[dict], uni_nll: float, blocks: torch.Tensor, args) -> None:
+def write_card(results: list[dict], uni_nll: float, blocks: torch.Tensor, args, memory: list[str]) -> None:
     data = results[0]["log"]["data"]
     lines = [
         "# Tiny recurrent language models shipped with writesae-lens",
         "",
-        "Two small causal LMs trained from scratch on CPU with the reference implementations in `transformers`, so that the",
-        "library's hooks, SAEs and tutorials run offline on real (if tiny) trained recurrent models. They are research fixtures,",
-        "not useful language models. Load them with `AutoModelForCausalLM.from_pretrained(writesae_lens.data.pretrained_path(name))`.",
+        "Small causal LMs trained from scratch on CPU (Qwen3.5 and Mamba-2 with the reference implementations in `transformers`,",
+        "RWKV-7 with the library's own pure-torch implementation), so that the library's hooks, SAEs and tutorials run offline on",
+        "real (if tiny) trained recurrent models. They are research fixtures, not useful language models. Load any of them with",
+        "`writesae_lens.models.load_hooked_model(name)`; the Qwen3.5 and Mamba-2 ones also with",
+        "`AutoModelForCausalLM.from_pretrained(writesae_lens.data.pretrained_path(name))` (an RWKV-7 folder is in fla's format).",
         "",
         "## Results",
         "",
@@ -191,7 +344,7 @@ def write_card(results: list[dict], uni_nll: float, blocks: torch.Tensor, args) 
             f"{log.get('train_seconds', 0) / 60:.0f} min ({log['environment']['threads']} thread) | **{r['ppl']:.1f}** | "
             f"{math.exp(uni_nll):.1f} |"
         )
-    lines += ["", "## Architectures", ""]
+    lines += ["", *memory, "## Architectures", ""]
     for r in results:
         size = r["folder_bytes"] / 1e6
         lines.append(f"- `{r['name']}`: {describe(r['config'])} Folder size {size:.1f} MB (fp32 safetensors + tokenizer).")
@@ -248,15 +401,24 @@ def write_card(results: list[dict], uni_nll: float, blocks: torch.Tensor, args) 
     ]
     for r in results:
         a = r["log"]["args"]
+        used = {**DEFAULTS, **a}  # a log written before an argument existed ran with what is now its default here
+        extra = "".join(f" --{k.replace('_', '-')} {used[k]}" for k in ("ctx", "batch", "lr", "warmup"))
+        if a["family"] == "qwen35":
+            extra += f" --decay-init {used['decay_init']}"
         lines.append(
             f"OMP_NUM_THREADS=1 nice -n 19 python scripts/train_models.py --family {a['family']} --steps {a['steps']} "
-            f"--seed {a['seed']}"
+            f"--seed {a['seed']}{extra}"
         )
     lines += [
         "python scripts/evaluate_models.py           # this card",
         "```",
         "",
-        "Training is seeded; bit-identical weights need the same torch build and thread count.",
+        "Runs write to `.cache/train/<family>-tiny/`; a model is shipped by copying every file of that folder except",
+        "`checkpoint.pt` into `writesae_lens/data/models/<family>-tiny/`.",
+        "Training is seeded; bit-identical weights need the same torch build and thread count. A run writes its model and",
+        "`checkpoint.pt` (weights, optimizer moments, batch generator, step, log) at every evaluation; an interrupted run",
+        "continues with `python scripts/train_models.py --family F --resume --out FOLDER` (same batches and schedule; a test",
+        "checks that a paused and resumed run ends with the weights of an uninterrupted one).",
         "",
     ]
     path = MODELS / "MODEL_CARD.md"
