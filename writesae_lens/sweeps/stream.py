@@ -83,15 +83,19 @@ class PreparedCell:
 
 
 @contextlib.contextmanager
-def _runner_start_captured():
+def _runner_start_captured(replace_sae=None):
     """While active, SAELens' ``LanguageModelSAETrainingRunner.run`` trains nothing: it records the runner and the
-    global random state it was called under and returns the untrained SAE."""
+    global random state it was called under and returns the untrained SAE. ``replace_sae(runner)``: an SAE to train
+    instead of the runner's, drawn at that point from the same random state."""
     from sae_lens import LanguageModelSAETrainingRunner
 
     captured: list[tuple[object, RandomState]] = []
     original = LanguageModelSAETrainingRunner.__dict__["run"]
 
     def capture(runner):
+        if replace_sae is not None:
+            runner.sae = replace_sae(runner).to(runner.cfg.device)
+            runner.cfg.sae = runner.sae.cfg
         captured.append((runner, RandomState.now(torch.device(runner.cfg.device))))
         return runner.sae
 
@@ -102,11 +106,13 @@ def _runner_start_captured():
         LanguageModelSAETrainingRunner.run = original
 
 
-def prepare_cell(name: str, train, model, documents: list[str], settings, output: Path, device: str) -> PreparedCell:
+def prepare_cell(name: str, train, model, documents: list[str], settings, output: Path, device: str,
+                 replace_sae=None) -> PreparedCell:
     """Run the single-cell path ``train(model, documents, settings, output, device=device)`` (``pipeline
     .train_state_sae`` or a function that ends in SAELens' runner the same way) up to the start of training; returns
-    the runner it built and the random state training would start from. Nothing is trained or written."""
-    with _runner_start_captured() as captured:
+    the runner it built and the random state training would start from. Nothing is trained or written.
+    ``replace_sae(runner) -> TrainingSAE``: train this SAE instead (another architecture than the path's own)."""
+    with _runner_start_captured(replace_sae) as captured:
         train(model, documents, settings, output, device=device)
     if len(captured) != 1:
         raise RuntimeError(f"{getattr(train, '__name__', train)} started {len(captured)} SAELens runners; "
