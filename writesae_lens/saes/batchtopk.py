@@ -61,6 +61,14 @@ class WriteBatchTopKTrainingSAE(WriteTopKTrainingSAE):
     def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
         return BatchTopK(self.cfg.k)
 
+    def _apply(self, *args: Any, **kwargs: Any) -> "WriteBatchTopKTrainingSAE":
+        """Keep the running threshold in float64 through `.to(dtype)` (loading calls it with cfg.dtype)."""
+        out = super()._apply(*args, **kwargs)
+        threshold = self._buffers.get("topk_threshold")
+        if threshold is not None and threshold.dtype != torch.float64:
+            self._buffers["topk_threshold"] = threshold.double()
+        return out
+
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         output = super().training_forward_pass(step_input)
         self.update_topk_threshold_(output.feature_acts)
