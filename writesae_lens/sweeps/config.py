@@ -67,7 +67,7 @@ class Variant:
     architecture: str = "topk"
     rank: int = 1
     d_sae: int = 2048
-    k: float = 32
+    k: int | float = 32
     options: dict = field(default_factory=dict)
 
 
@@ -200,6 +200,9 @@ def parse_config(raw: dict, where: str = "the sweep config") -> SweepConfig:
                                or len(set(value)) != len(value)):
             fail(f"[cells] {name} must be \"all\" or a non-empty list of distinct integers, got {value!r}")
 
+    for name in ("text", "device", "dtype"):
+        if name in raw and not isinstance(raw[name], str):
+            fail(f"{name!r} must be a string, got {raw[name]!r}")
     config = SweepConfig(model=raw["model"], seeds=list(seeds), variants=variants, train=train,
                          substitution=substitution, layers=layers, heads=heads, cell_list=cell_list,
                          text=raw.get("text"), device=raw.get("device", "cpu"), dtype=raw.get("dtype", "float32"))
@@ -236,12 +239,12 @@ def _variant(entry, index: int, fail) -> Variant:
     options = entry.get("options", {})
     if not isinstance(options, dict):
         fail(f"variant {name!r}: options must be a table of SAE config fields")
-    variant = Variant(name=name, architecture=architecture, rank=entry.get("rank", 1), d_sae=entry.get("d_sae", 2048),
-                      k=k, options=dict(options))
     for field_name in ("rank", "d_sae"):
-        value = getattr(variant, field_name)
+        value = entry.get(field_name, 1 if field_name == "rank" else 2048)
         if not _is_int(value) or value < 1:
             fail(f"variant {name!r}: {field_name} must be a positive integer, got {value!r}")
+    variant = Variant(name=name, architecture=architecture, rank=entry.get("rank", 1), d_sae=entry.get("d_sae", 2048),
+                      k=k, options=dict(options))
     if architecture != "jumprelu" and k > variant.d_sae:
         fail(f"variant {name!r}: k = {k} active atoms cannot exceed d_sae = {variant.d_sae}")
     return variant

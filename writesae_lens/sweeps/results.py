@@ -72,7 +72,7 @@ def win_rate_grid(table: pd.DataFrame, variant: str, layers: list[int], heads: l
 
 def plot_heatmap(grid: np.ndarray, layers: list[int], heads: list[int], title: str, path: Path) -> Path:
     """Win rate per cell (0.5: chance; blank: no result), one PNG, written atomically."""
-    figure = Figure(figsize=(max(4.0, 0.45 * len(heads) + 2), max(2.5, 0.45 * len(layers) + 1.5)))
+    figure = Figure(figsize=(max(6.0, 0.45 * len(heads) + 2.5), max(3.0, 0.45 * len(layers) + 1.8)))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=0.0, vmax=1.0, aspect="auto")
@@ -86,7 +86,7 @@ def plot_heatmap(grid: np.ndarray, layers: list[int], heads: list[int], title: s
             for j in range(grid.shape[1]):
                 if np.isfinite(grid[i, j]):
                     axes.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    figure.colorbar(image, ax=axes, label="win rate (KL atom < KL delete)")
+    figure.colorbar(image, ax=axes, label="win rate")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
@@ -99,5 +99,5 @@ def plot_heatmap(grid: np.ndarray, layers: list[int], heads: list[int], title: s
 def save_heatmaps(table: pd.DataFrame, variants: list[str], layers: list[int], heads: list[int],
                   folder: Path) -> list[Path]:
     return [plot_heatmap(win_rate_grid(table, name, layers, heads), layers, heads,
-                         f"{name}: substitution win rate (mean over seeds)", Path(folder) / f"{name}.png")
+                         f"{name}: win rate (KL atom < KL delete),\nmean over seeds", Path(folder) / f"{name}.png")
             for name in variants]
