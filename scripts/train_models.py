@@ -14,7 +14,8 @@ held-out blocks every `--eval-every` steps. The model folder (save_pretrained + 
 evaluation, so an interrupted run still leaves a loadable model (its log says finished: false), together with
 `checkpoint.pt` (weights, optimizer moments, the batch generator's state, the step and the log), written atomically. `--resume`
 continues such a run from its checkpoint with the arguments it was started with (the same batches, the same learning-rate
-schedule); only `--threads` and `--device` may change. Runs write to `.cache/train/<family>-tiny/` by default (outside the package:
+schedule); only `--threads`, `--device` and `--stop-at` may change. SIGTERM or Ctrl-C ends a run the same way after the
+current step (model + checkpoint saved), so a run can be stopped at any time and resumed later. Runs write to `.cache/train/<family>-tiny/` by default (outside the package:
 a model is copied into `writesae_lens/data/models/` by hand once it beats the shipped one, see MODEL_CARD.md).
 
 Decay initialisation (`--decay-init`, Gated DeltaNet only). transformers initialises `dt_bias = 1` and `A ~ U(0.01, 16)`, so at
@@ -39,6 +40,7 @@ import json
 import math
 import platform
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=250, help="held-out loss, model and checkpoint every N steps")
+    parser.add_argument("--log-every", type=int, default=50, help="print the mean training loss every N steps")
     parser.add_argument("--eval-blocks", type=int, default=64)
     parser.add_argument(
         "--decay-init", choices=["transformers", "reference"], default="reference",
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         resumed = torch.load(ckpt_path, weights_only=False)
         saved = resumed["log"]["args"]
         keep = {"threads": args.threads, "device": args.device, "stop_at": args.stop_at}
-        args = argparse.Namespace(**{**saved, **keep, "out": out, "resume": True, "measure": False})
+        args = argparse.Namespace(**{"log_every": 50, **saved, **keep, "out": out, "resume": True, "measure": False})
         print(f"resuming {out} at step {resumed['step']}/{args.steps}", flush=True)
     elif args.steps is None:
         parser.error("--steps is required unless --resume")
@@ -298,45 +301,55 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     start = time.time()
     running, n_running = 0.0, 0
-    for step in range(first_step, args.steps):
-        starts = torch.randint(0, len(train_tokens) - span, (args.batch,), generator=gen)
-        x = torch.stack([train_tokens[s : s + span] for s in starts.tolist()]).long().to(args.device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        logits = logits_of(model, x[:, :-1])  # [batch, ctx, vocab]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        running, n_running = running + loss.item(), n_running + 1
-        if args.measure:
-            print(f"step {step}: loss {loss.item():.3f}, {time.time() - start:.1f} s elapsed", flush=True)
-            continue
-        last = step + 1 == args.steps
-        pause = args.stop_at is not None and step + 1 == args.stop_at
-        if (step + 1) % 50 == 0 or last:
-            elapsed = time.time() - start
-            per_step = elapsed / (step + 1 - first_step)
-            log["train_loss"].append([step + 1, round(running / n_running, 4)])
-            print(
-                f"step {step + 1}/{args.steps} loss {running / n_running:.3f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{per_step:.2f} s/step, eta {per_step * (args.steps - step - 1) / 60:.1f} min",
-                flush=True,
-            )
-            running, n_running = 0.0, 0
-        if (step + 1) % args.eval_every == 0 or last or pause:
-            held = heldout_loss(model, held_blocks, args.batch)
-            log["heldout_loss"].append([step + 1, round(held, 4)])
-            log["steps_done"] = step + 1
-            log["train_seconds"] = round(seconds_before + time.time() - start, 1)
-            log["finished"] = last
-            print(f"  heldout loss {held:.3f} (ppl {math.exp(held):.1f}); saved {out}", flush=True)
-            save(model, tokenizer, out, log)
-            save_checkpoint(out / "checkpoint.pt", model, opt, gen, step + 1, log)
-        if pause:
-            print(f"stopped at step {step + 1} (--stop-at); continue with --resume --out {out}", flush=True)
-            break
+    stop_requested: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if not args.measure:  # SIGTERM / SIGINT: finish the step, save the model and a checkpoint, exit
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
+    try:
+        for step in range(first_step, args.steps):
+            starts = torch.randint(0, len(train_tokens) - span, (args.batch,), generator=gen)
+            x = torch.stack([train_tokens[s : s + span] for s in starts.tolist()]).long().to(args.device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            logits = logits_of(model, x[:, :-1])  # [batch, ctx, vocab]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            running, n_running = running + loss.item(), n_running + 1
+            if args.measure:
+                print(f"step {step}: loss {loss.item():.3f}, {time.time() - start:.1f} s elapsed", flush=True)
+                continue
+            last = step + 1 == args.steps
+            pause = (args.stop_at is not None and step + 1 == args.stop_at) or bool(stop_requested)
+            if (step + 1) % args.log_every == 0 or last:
+                elapsed = time.time() - start
+                per_step = elapsed / (step + 1 - first_step)
+                log["train_loss"].append([step + 1, round(running / n_running, 4)])
+                print(
+                    f"step {step + 1}/{args.steps} loss {running / n_running:.3f} lr {opt.param_groups[0]['lr']:.2e} "
+                    f"{per_step:.2f} s/step, eta {per_step * (args.steps - step - 1) / 60:.1f} min",
+                    flush=True,
+                )
+                running, n_running = 0.0, 0
+            if (step + 1) % args.eval_every == 0 or last or pause:
+                held = heldout_loss(model, held_blocks, args.batch)
+                log["heldout_loss"].append([step + 1, round(held, 4)])
+                log["steps_done"] = step + 1
+                log["train_seconds"] = round(seconds_before + time.time() - start, 1)
+                log["finished"] = last
+                print(f"  heldout loss {held:.3f} (ppl {math.exp(held):.1f}); saved {out}", flush=True)
+                save(model, tokenizer, out, log)
+                save_checkpoint(out / "checkpoint.pt", model, opt, gen, step + 1, log)
+            if pause:
+                why = f"signal {stop_requested[0]}" if stop_requested else "--stop-at"
+                print(f"stopped at step {step + 1} ({why}); continue with --resume --out {out}", flush=True)
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if args.measure:
         print(f"{(time.time() - start) / args.steps:.2f} s/step with {args.threads} thread(s)")
 

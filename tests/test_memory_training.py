@@ -88,3 +88,26 @@ def test_rwkv7_run_saves_an_fla_folder_that_loads_back(tmp_path):
     for name, value in trained.items():
         torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
     assert torch.isfinite(loaded(torch.tensor([[0, 5, 7, 9]]))).all()
+
+
+@pytest.mark.skipif(not (train_models.CORPUS / "train.txt").exists(), reason="needs the corpus: scripts/build_corpus.py")
+def test_sigterm_ends_the_run_with_a_checkpoint(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    calls = []
+    forward = train_models.logits_of
+
+    def forward_then_terminate(model, ids):
+        calls.append(1)
+        if len(calls) == 2 and model.training:  # during the second training step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(model, ids)
+
+    monkeypatch.setattr(train_models, "logits_of", forward_then_terminate)
+    before = signal.getsignal(signal.SIGTERM)
+    train_models.main(["--family", "qwen35", "--steps", "6", "--eval-every", "5", "--ctx", "16", "--batch", "2",
+                       "--eval-blocks", "2", "--warmup", "1", "--out", str(tmp_path / "run")])
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 2 and checkpoint["log"]["finished"] is False
+    assert signal.getsignal(signal.SIGTERM) is before
