@@ -17,6 +17,7 @@ so ``model`` is never changed.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 
@@ -65,3 +66,34 @@ def comparison_model(model, layer: int, precision: str = "float32"):
 def as_tail_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A stream entering the tail (the residual stream, a carried stream) in its dtype; integer tensors as they are."""
     return x.to(dtype) if x.is_floating_point() else x
+
+
+def full_run_start(model, layer: int) -> int:
+    """The first float32 layer of a run that starts from the tokens (generation, a prefix run): ``layer``, or 0 for a
+    family with carried streams (RWKV-7's v-first: layer 0 computes it and every later layer reads it inside the
+    same call, so a float32 layer after a lower-precision layer 0 would read a lower-precision stream it cannot
+    mix with its own; a run from ``start_at_layer`` takes that stream as an input and needs no such rule)."""
+    return 0 if model.carried_streams and layer > 0 else layer
+
+
+@contextmanager
+def full_run(model, runner, start: int):
+    """Within the block, ``runner`` (``comparison_model(model, start, ...)``) runs from the tokens: the residual
+    stream entering block ``start`` is cast to the dtype of the layers from there on, and the embedding's output to
+    the dtype of the first block (a tied embedding is converted with the unembedding in the copy; cast back to the
+    model's dtype it gives the model's own values exactly). The casts are PyTorch hooks on modules of the copy only
+    (the hook points check that a hook keeps an activation's dtype); nothing is registered when ``runner`` is
+    ``model``."""
+    handles = []
+    if runner is not model:
+        front = next(runner.blocks[0].parameters()).dtype
+        tail = next(runner.blocks[start].parameters()).dtype
+        if runner.embed is not model.embed:  # tied: the copy's embedding was converted
+            handles.append(runner.embed.register_forward_hook(lambda module, args, out: out.to(front)))
+        handles.append(runner.blocks[start].register_forward_pre_hook(
+            lambda module, args: (as_tail_input(args[0], tail), *args[1:])))
+    try:
+        yield runner
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -14,6 +14,15 @@ Greedy decoding takes the arg max; sampling draws from ``softmax(logits / temper
 ``torch.Generator`` per row seeded by ``seeds[row]``, so a row's samples do not depend on the batch it runs in. Every
 row generates what the same prompt, edits and seed give alone (tests: token for token in fp32, and against the naive
 reference: the whole sequence re-run with ``interventions.add_to_state`` at every step).
+
+Precision (issue #18). With ``precision="float32"`` (the default) the layers from ``tail_from`` on (default: the
+lowest edited or pushed layer; 0 without edits), the final norm and the unembedding run in float32 whatever the
+model's dtype (``evaluation.tail_precision``: a float32 copy of those modules beside the model; a float32 or
+float64 model runs as it is, so nothing changes there). A single write's effect on the log-probabilities is far
+below what bfloat16 layers resolve; every row (native or edited) of a call goes through that same computation.
+Families with carried streams (RWKV-7) run from layer 0 in float32 (``tail_precision.full_run_start``).
+``precision="model"`` keeps the model's dtype. Hooks the caller installs on the model's modules from ``tail_from``
+on act only when nothing is converted (a float32 model, or ``precision="model"``).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..evaluation.tail_precision import check_precision, comparison_model, full_run, full_run_start
 from ..interventions import mixer_hook
 from .edits import CacheEdit, Push, check_edit, edit_matrices, stacked
 
@@ -58,12 +68,15 @@ def generate_rows(
     keep_first_logprobs: bool = False,
     batch_size: int = 256,
     progress: bool = False,
+    precision: str = "float32",
+    tail_from: int | None = None,
 ) -> GenerationResult:
     """Generate ``max_new_tokens`` tokens for every row (see the module docstring).
 
     ``prompts``: one 1-D token tensor per row. ``watch`` [rows, n_watch] (long, -1 = none): tokens whose log-prob and
     rank are recorded at every step (or the first ``watch_steps``; NaN / -1 after). ``seeds`` (sampling only): one
-    per row."""
+    per row. ``precision`` and ``tail_from``: see the module docstring (analyses pass their edited layer, so that
+    their native rows run through the same computation as the edited ones)."""
     rows = _checked_prompts(model, prompts)
     n_rows = len(rows)
     _check_options(max_new_tokens, do_sample, temperature, seeds, n_rows, batch_size)
@@ -93,6 +106,8 @@ def generate_rows(
         if watch.numel() and int(watch.max()) >= model.cfg.d_vocab:
             raise ValueError(f"watched tokens must be < d_vocab = {model.cfg.d_vocab}; got {int(watch.max())}")
 
+    runner, start_layer = _runner(model, precision, tail_from, [*edits, *pushes])
+
     order = sorted(range(n_rows), key=lambda r: lengths[r])  # similar lengths together: little padding
     tokens = torch.empty(n_rows, max_new_tokens, dtype=torch.long)
     n_watch = watch.shape[1] if watch is not None else 0
@@ -100,21 +115,37 @@ def generate_rows(
     watch_rank = torch.full((n_rows, max_new_tokens, n_watch), -1, dtype=torch.long) if watch is not None else None
     first = torch.empty(n_rows, model.cfg.d_vocab) if keep_first_logprobs else None
     bar = tqdm(total=n_rows, desc="generate", disable=not progress)
-    for start in range(0, n_rows, batch_size):
-        chunk = order[start : start + batch_size]
-        out = _generate_batch(model, [rows[r] for r in chunk], max_new_tokens,
-                              [by_row_edits.get(r, []) for r in chunk], [by_row_pushes.get(r, []) for r in chunk],
-                              do_sample, temperature, [seeds[r] for r in chunk] if seeds is not None else None,
-                              watch[chunk] if watch is not None else None, watch_steps, keep_first_logprobs)
-        index = torch.tensor(chunk)
-        tokens[index] = out.tokens
-        if watch is not None:
-            watch_logp[index], watch_rank[index] = out.watch_logp, out.watch_rank
-        if first is not None:
-            first[index] = out.first_logprobs
-        bar.update(len(chunk))
+    with full_run(model, runner, start_layer):
+        for start in range(0, n_rows, batch_size):
+            chunk = order[start : start + batch_size]
+            out = _generate_batch(runner, [rows[r] for r in chunk], max_new_tokens,
+                                  [by_row_edits.get(r, []) for r in chunk], [by_row_pushes.get(r, []) for r in chunk],
+                                  do_sample, temperature, [seeds[r] for r in chunk] if seeds is not None else None,
+                                  watch[chunk] if watch is not None else None, watch_steps, keep_first_logprobs)
+            index = torch.tensor(chunk)
+            tokens[index] = out.tokens
+            if watch is not None:
+                watch_logp[index], watch_rank[index] = out.watch_logp, out.watch_rank
+            if first is not None:
+                first[index] = out.first_logprobs
+            bar.update(len(chunk))
     bar.close()
     return GenerationResult(tokens, watch_logp, watch_rank, first)
+
+
+def _runner(model, precision: str, tail_from: int | None, cells: list) -> tuple[object, int]:
+    """The model a call runs (``model`` or its float32-tail copy) and the first layer of its float32 part."""
+    check_precision(precision)
+    lowest = min((c.layer for c in cells), default=None)
+    if tail_from is None:
+        tail_from = 0 if lowest is None else lowest
+    if not isinstance(tail_from, int) or not 0 <= tail_from < model.cfg.n_layers:
+        raise ValueError(f"tail_from must be a layer 0..{model.cfg.n_layers - 1}, got {tail_from!r}")
+    if lowest is not None and tail_from > lowest:
+        raise ValueError(f"tail_from={tail_from} is after the lowest edited layer {lowest}: the edited layers must "
+                         "run in the comparison precision")
+    start = full_run_start(model, tail_from)
+    return comparison_model(model, start, precision), start
 
 
 def _generate_batch(model, prompts, max_new_tokens, edits, pushes, do_sample, temperature, seeds, watch,
