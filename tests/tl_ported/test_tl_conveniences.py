@@ -3,7 +3,8 @@
 Written in the spirit of TransformerLens' tests/unit/test_utils.py, test_tokenization_methods.py and
 tests/acceptance/test_hooked_transformer.py (to_single_token, get_token_position, to_str_tokens with prepend_bos,
 utils.test_prompt, string batches with padding_side, the config fields users read, dtype handling), on models with
-the shipped tokenizer. RWKV-7 in bf16 / fp16 / fp64 is checked against an fp32 copy holding the same rounded weights.
+the shipped tokenizer. Every family in bf16 / fp16 / fp64 is checked against an fp32 copy holding the same rounded
+weights.
 """
 
 import pytest
@@ -132,13 +133,27 @@ def test_cfg_dtype_follows_casts(mamba2_folders):
         assert model.cfg.dtype == dtype == model.W_E.dtype
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2), (torch.float64, 1e-5)])
-def test_rwkv7_runs_in_low_and_high_precision(dtype, tolerance):
-    """Every RWKV-7 dtype runs (bf16 / fp16 failed in the output GroupNorm), close to fp32 on the same weights."""
-    from rwkv7_factory import random_rwkv7
+def same_weights_in(family: str, dtype, folders: dict):
+    """The family's tiny random model with its weights in ``dtype``."""
+    if family == "rwkv7":
+        from rwkv7_factory import random_rwkv7
 
-    model = random_rwkv7(97, seed=7).to(dtype)
-    reference = random_rwkv7(97, seed=7).to(dtype).float()  # the same rounded weights, computed in fp32
+        return random_rwkv7(97, seed=7).to(dtype)
+    from writesae_lens.adapters.mamba2 import HookedMamba2
+    from writesae_lens.adapters.qwen35 import HookedQwen35
+
+    cls = HookedQwen35 if family == "qwen35" else HookedMamba2
+    return cls.from_pretrained(folders[family], dtype=dtype, load_tokenizer=False).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen35", "mamba2", "rwkv7"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 1e-1), (torch.float16, 1e-2), (torch.float64, 1e-4)])
+def test_every_family_runs_in_low_and_high_precision(family, dtype, tolerance, qwen35_folders, mamba2_folders):
+    """Every dtype runs (RWKV-7 in bf16 / fp16 failed in its output GroupNorm), close to an fp32 copy holding the
+    same rounded weights, and the cached continuation equals the full run."""
+    folders = {"qwen35": qwen35_folders["gqa_nonsquare"], "mamba2": mamba2_folders["grouped_nonsquare"]}
+    model = same_weights_in(family, dtype, folders)
+    reference = same_weights_in(family, dtype, folders).float()
     tokens = random_tokens(model, batch=2, n_pos=9, seed=8)
     with torch.no_grad():
         logits = model(tokens)
