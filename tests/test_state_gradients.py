@@ -230,3 +230,28 @@ def test_backward_hooks_and_cache_gradients_equal_autograd(family):
         assert f"{n}_grad" in cache, n
         assert g.abs().max() > 0, n
         torch.testing.assert_close(cache[f"{n}_grad"], g, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+
+
+def test_gradient_through_states_a_hook_computes_from(family):
+    """A hook that replaces the state at position 12 of row 0 by ``0.5 x`` (a function of the states shown): the
+    derivative of an earlier write-value edit flows through the shown states into that replacement (the states are
+    recomputed with autograd's tape in the backward) and equals the finite difference."""
+    name, model, tokens, layer = family
+    mixer = f"blocks.{layer}.mixer."
+
+    def halve(x, hook):
+        out = x.clone()
+        out[0, 12] = 0.5 * x[0, 12]
+        return out
+
+    r = None
+
+    def edit(x, a):
+        nonlocal r
+        r = _direction(x.shape, seed=6).to(x.dtype) * x.detach().abs() if r is None else r
+        return x + a * r
+
+    with model.hooks(fwd_hooks=[(mixer + "hook_state", halve)]):
+        grad, difference = _derivative_and_difference(model, tokens, mixer + "hook_write_v", edit)
+    assert abs(float(difference)) > 1e-6
+    torch.testing.assert_close(grad, difference, rtol=1e-6, atol=1e-9)
