@@ -32,7 +32,8 @@ def test_first_lag_below_counts_from_one_and_censors():
 
 def test_write_norms_is_the_frobenius_norm_of_the_write():
     gen = torch.Generator().manual_seed(0)
-    k, v, beta = torch.randn(5, 3, 4, generator=gen), torch.randn(5, 3, 7, generator=gen), torch.randn(5, 3, generator=gen)
+    k, v = torch.randn(5, 3, 4, generator=gen), torch.randn(5, 3, 7, generator=gen)
+    beta = torch.randn(5, 3, generator=gen)
     matrices = beta[..., None, None] * k[..., :, None] * v[..., None, :]  # [5, 3, 4, 7]
     torch.testing.assert_close(write_norms(k, v, beta), matrices.double().flatten(-2).norm(dim=-1))
 
@@ -264,3 +265,23 @@ def test_inspect_command_writes_its_outputs_and_keeps_an_earlier_run(tmp_path):
     assert main(argv) == 2  # a non-empty --out is refused without --overwrite
     assert (out / "memory.csv").read_bytes() == before
     assert main([*argv[:-2], "--passage-len", "10", "--out", str(tmp_path / "short")]) == 2
+
+
+@pytest.mark.parametrize("family", ["qwen35", "mamba2", "rwkv7"])
+def test_every_family_gets_a_complete_report(family, qwen35_pair, mamba2_pair):
+    from family_models import family_model
+
+    model = family_model(family, qwen35_pair, mamba2_pair)
+    report = memory_report(model, random_tokens(model, 2, 16), MemorySettings(first_position=2, max_lag=8,
+                                                                              sources_per_passage=2), progress=False)
+    table = report.table
+    assert len(table) == len(model.cfg.recurrent_layers) * model.cfg.n_heads
+    assert sorted(set(table["layer"])) == list(model.cfg.recurrent_layers)
+    numbers = table.drop(columns=["layer", "head"]).to_numpy(dtype=float)
+    assert np.isfinite(numbers).all()
+    decays = table[["decay_q10", "decay_q50", "decay_q90"]].to_numpy()
+    assert ((decays > 0) & (decays <= 1)).all()
+    assert (table["decay_q10"] <= table["decay_q50"]).all() and (table["decay_q50"] <= table["decay_q90"]).all()
+    assert ((table["memory_length"] >= 1) & (table["memory_length"] <= 9)).all()
+    assert (table["kl_zero"] >= 0).all() and (table["kl_memory"] >= 0).all()
+    assert len(report.curves) == len(table) * 8

@@ -17,6 +17,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 import train_models  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+needs_corpus = pytest.mark.skipif(not (train_models.CORPUS / "train.txt").exists(),
+                                  reason="needs the corpus: scripts/build_corpus.py")
 
 
 def test_reference_decay_init_spreads_the_decays_as_promised():
@@ -39,7 +41,7 @@ def test_reference_decay_init_spreads_the_decays_as_promised():
     assert float(decays.median()) > 0.5
 
 
-@pytest.mark.skipif(not (train_models.CORPUS / "train.txt").exists(), reason="needs the corpus: scripts/build_corpus.py")
+@needs_corpus
 def test_paused_and_resumed_run_equals_one_run(tmp_path):
     from safetensors.torch import load_file
 
@@ -74,7 +76,7 @@ def test_rwkv7_names_round_trip_through_the_adapters_table():
     assert float(retention.max()) > 0.998 and 0.85 < float(retention.min()) < 0.95
 
 
-@pytest.mark.skipif(not (train_models.CORPUS / "train.txt").exists(), reason="needs the corpus: scripts/build_corpus.py")
+@needs_corpus
 def test_rwkv7_run_saves_an_fla_folder_that_loads_back(tmp_path):
     from writesae_lens.models import load_hooked_model
 
@@ -90,7 +92,7 @@ def test_rwkv7_run_saves_an_fla_folder_that_loads_back(tmp_path):
     assert torch.isfinite(loaded(torch.tensor([[0, 5, 7, 9]]))).all()
 
 
-@pytest.mark.skipif(not (train_models.CORPUS / "train.txt").exists(), reason="needs the corpus: scripts/build_corpus.py")
+@needs_corpus
 def test_sigterm_ends_the_run_with_a_checkpoint(tmp_path, monkeypatch):
     import os
     import signal

@@ -20,7 +20,8 @@ the next token, and an SAE on its state learns little more than an SAE on its wr
 `writesae_lens.evaluation.memory.memory_report` measures, per head:
 
 - the per-token decay $a_t = e^{\text{decay}_t}$ (quantiles over tokens, and key channels for RWKV-7);
-- the **write share** $\lVert\beta_t k_t v_t^\top\rVert / \lVert S_t\rVert$: 1 means the state is only the current write;
+- the **write share** $\lVert\beta_t k_t v_t^\top\rVert / \lVert S_t\rVert$: 1 means the state is only the current
+  write;
 - the **memory length**: the write at a source position $s$ is propagated *alone* through the head's own transitions
   (every other write of the layer deleted), and we record the first lag $j$ at which
   $\lVert T_{s+j}\cdots T_{s+1} W_s\rVert / \lVert W_s\rVert$ falls below 10 %;

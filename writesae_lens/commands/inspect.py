@@ -14,10 +14,10 @@ from .common import heldout_passages, input_paths, load_model, model_arguments, 
     positive_float, positive_int
 
 NAME = "inspect"
-HELP = "memory report: per head, the decay, the share of the state that is the current write, how long a write lasts, " \
-       "and how much the state moves the logits"
-DESCRIPTION = ("Per head of every recurrent layer: quantiles of the per-token decay, the median share of the state that "
-               "is the current write, the memory length (first lag at which a write, propagated alone through the "
+HELP = ("memory report: per head, the decay, the share of the state that is the current write, how long a write "
+        "lasts, and how much the state moves the logits")
+DESCRIPTION = ("Per head of every recurrent layer: quantiles of the per-token decay, the median share of the state "
+               "that is the current write, the memory length (first lag at which a write, propagated alone through the "
                "head's own transitions, keeps less than --threshold of its norm; median over source positions) and "
                "the mean KL of the next-token distribution when the head's state is zeroed or cut to the current write "
                "at every read. Measured on held-out passages (the held-out fifth of --text, or the shipped text).")
@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=non_negative_int, nargs="+", default=None,
                         help="recurrent layers to report (default: all)")
     parser.add_argument("--passages", type=positive_int, default=8, help="held-out passages (default: %(default)s)")
-    parser.add_argument("--passage-len", type=positive_int, default=256, help="tokens per passage (default: %(default)s)")
+    parser.add_argument("--passage-len", type=positive_int, default=256,
+                        help="tokens per passage (default: %(default)s)")
     parser.add_argument("--max-lag", type=positive_int, default=128, help="longest lag followed (default: %(default)s)")
     parser.add_argument("--sources", type=positive_int, default=4,
                         help="source positions per passage for the memory length (default: %(default)s)")

@@ -2,8 +2,8 @@
 
 ``memory_report(model, tokens)`` measures, per head of every recurrent layer, on token passages ``[n, n_pos]``:
 
-- **decay**: the per-token retention factor ``a_t = exp(decay_t)`` of ``blocks.{l}.mixer.hook_decay``, its 10 / 50 / 90 %
-  quantiles over tokens (and, for RWKV-7, whose decay is per key channel, over tokens and key channels).
+- **decay**: the per-token retention factor ``a_t = exp(decay_t)`` of ``blocks.{l}.mixer.hook_decay``, its
+  10 / 50 / 90 % quantiles over tokens (and, for RWKV-7, whose decay is per key channel, over tokens and key channels).
 - **write share**: ``||beta_t k_t v_t^T||_F / ||S_t||_F``, how much of the state after the write at t is that write
   (median over tokens). 1 means the head holds only the current token.
 - **memory length**: the write at a source position s is propagated alone through the head's own transitions (every
@@ -18,7 +18,8 @@
   of earlier tokens adds). Edits go through ``hook_state``, so the read at t sees the replacement.
 
 Statistics are taken over positions ``>= first_position`` (early positions have little history). The math lives in the
-pure functions below (``first_lag_below``, ``write_norms``, ``mean_kl``, ``retention_quantiles``); the hooks only collect.
+pure functions below (``first_lag_below``, ``write_norms``, ``mean_kl``, ``retention_quantiles``); the hooks only
+collect.
 ``choose_demo_cell`` picks a cell with a long memory that moves the logits, with its reason.
 """
 
@@ -176,8 +177,8 @@ def _factors_and_shares(model, tokens: Tensor, layers: list[int], settings: Memo
 def write_contributions(model, tokens: Tensor, layer: int, settings: MemorySettings | None = None,
                         factors: dict | None = None, progress=None) -> tuple[Tensor, list[tuple[int, int]]]:
     """``(contributions [head, n_sources, max_lag], sources)``: for each (passage, source position) in ``sources``, the
-    contribution ``||Phi(s + j, s) W_s||_F / ||W_s||_F`` at lags j = 1..max_lag of the native write ``W_s`` of every head,
-    propagated alone (every native write of the layer deleted) through the layer's own transitions. NaN where the
+    contribution ``||Phi(s + j, s) W_s||_F / ||W_s||_F`` at lags j = 1..max_lag of the native write ``W_s`` of every
+    head, propagated alone (every native write of the layer deleted) through the layer's own transitions. NaN where the
     write is zero. ``factors``: the layer's native write factors from an unedited pass (measured when not given)."""
     settings = settings or MemorySettings()
     settings.check(tokens.shape[1])
@@ -231,7 +232,7 @@ def _logit_effects(model, tokens: Tensor, layer: int, settings: MemorySettings, 
     """Per head: mean KL when the head's state is zero at every read, and when it is only the current write."""
     n = len(tokens)
     n_heads, p0 = model.cfg.n_heads, settings.first_position
-    effects = {"kl_zero": torch.zeros(n_heads, dtype=torch.float64), "kl_memory": torch.zeros(n_heads, dtype=torch.float64)}
+    effects = {mode: torch.zeros(n_heads, dtype=torch.float64) for mode in ("kl_zero", "kl_memory")}
     jobs = [(h, b) for h in range(n_heads) for b in range(n)]
     for mode in effects:
         for rows in _batches(len(jobs), settings.batch_size):
@@ -257,7 +258,8 @@ def _logit_effects(model, tokens: Tensor, layer: int, settings: MemorySettings, 
                     x[r, :, heads] = (beta[..., None, None] * k[..., :, None] * v[..., None, :]).flatten(-2).to(x.dtype)
                 return x
 
-            hooks = [(_hook(layer, name), capture(name)) for name in ("hook_write_k", "hook_write_v", "hook_write_beta")]
+            names = ("hook_write_k", "hook_write_v", "hook_write_beta")
+            hooks = [(_hook(layer, name), capture(name)) for name in names]
             hooks.append((_hook(layer, "hook_state"), replace))
             logits = model.run_with_hooks(tokens[b_idx], fwd_hooks=hooks)
             kl = mean_kl(base_logits[b_idx, p0:], logits[:, p0:].cpu())  # [rows]
@@ -272,7 +274,8 @@ def memory_report(model, tokens: Tensor, settings: MemorySettings | None = None,
     """The memory report of every head of ``layers`` (default: every recurrent layer) on ``tokens`` [n, n_pos]."""
     settings = settings or MemorySettings()
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
-        raise ValueError(f"tokens must be an integer tensor [n_passages, n_pos]; got {getattr(tokens, 'shape', tokens)}")
+        got = getattr(tokens, "shape", tokens)
+        raise ValueError(f"tokens must be an integer tensor [n_passages, n_pos]; got {got}")
     settings.check(tokens.shape[1])
     recurrent = list(model.cfg.recurrent_layers)
     layers = recurrent if layers is None else list(layers)
@@ -298,7 +301,8 @@ def memory_report(model, tokens: Tensor, settings: MemorySettings | None = None,
                 row.update({f"decay_q{round(100 * p)}": value for p, value in zip(QUANTILES, q)})
                 row["write_share"] = stats[layer]["write_share"][head]
                 row["memory_length"] = float(valid.median()) if len(valid) else float("nan")
-                row["memory_censored"] = float((valid > settings.max_lag).double().mean()) if len(valid) else float("nan")
+                censored = (valid > settings.max_lag).double().mean() if len(valid) else float("nan")
+                row["memory_censored"] = float(censored)
                 row["kl_zero"] = float(effects["kl_zero"][head])
                 row["kl_memory"] = float(effects["kl_memory"][head])
                 rows.append(row)
@@ -337,10 +341,10 @@ def choose_demo_cell(model=None, tokens: Tensor | None = None, report: MemoryRep
     length = best["memory_length"]
     max_lag = report.settings.get("max_lag", MemorySettings.max_lag)
     lasting = f"more than {max_lag}" if length > max_lag else f"{length:g}"
-    reason = (f"layer {layer} head {head}: a write keeps {threshold:.0%} of its norm for {lasting} tokens (median), the "
-              f"longest of the {len(candidates)} heads whose memory moves the logits at least as much as the median head "
-              f"(KL {best['kl_memory']:.3f} nats/token when its state is cut to the current write; median "
-              f"{floor:.3f}); median per-token decay {best['decay_q50']:.2f}, the current write is "
+    reason = (f"layer {layer} head {head}: a write keeps {threshold:.0%} of its norm for {lasting} tokens (median), "
+              f"the longest of the {len(candidates)} heads whose memory moves the logits at least as much as the "
+              f"median head (KL {best['kl_memory']:.3f} nats/token when its state is cut to the current write; "
+              f"median {floor:.3f}); median per-token decay {best['decay_q50']:.2f}, the current write is "
               f"{best['write_share']:.0%} of its state")
     return layer, head, reason
 

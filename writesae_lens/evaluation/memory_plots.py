@@ -1,4 +1,5 @@
-"""The memory report's figure (``memory.MemoryReport``): one PNG, drawn on a standalone Agg figure and renamed into place.
+"""The memory report's figure (``memory.MemoryReport``): one PNG, drawn on a standalone Agg figure and renamed into
+place.
 
 Left: the median contribution of a write against the lag, one line per head (colour = layer), with the threshold that
 ends a write's memory. Right: each head's memory length against the logit effect of its memory (``kl_memory``).
@@ -17,7 +18,8 @@ from .memory import MemoryReport
 from .records import write_atomically
 
 
-def plot_memory_report(report: MemoryReport, path: str | Path, title: str | None = None, overwrite: bool = True) -> Path:
+def plot_memory_report(report: MemoryReport, path: str | Path, title: str | None = None,
+                       overwrite: bool = True) -> Path:
     """Write the figure to ``path`` (PNG) and return the path."""
     table, curves = report.table, report.curves
     if table.empty or curves.empty:
