@@ -4,6 +4,8 @@ exactly and a single write's effect on the log-probabilities is resolved; a floa
 
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -102,3 +104,34 @@ def test_bad_precision_and_tail_are_clear_errors(pair):
     if first < layer:
         with pytest.raises(ValueError, match="lowest edited layer"):
             generate_rows(bf16, rows, max_new_tokens=1, edits=early, tail_from=layer)
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(qwen35_pair):
+    model = qwen35_pair[1]
+    return model, copy.deepcopy(model).to(torch.bfloat16)
+
+
+def _install(model):
+    from writesae_lens.generation.install import InstallSettings, install_trials, summarize_install
+    from writesae_lens.generation.targets import TargetClass
+
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 100, (12,), generator=generator) for _ in range(3)]
+    settings = InstallSettings(multipliers=(3.0,), n_windows=2, max_new_tokens=3, targets_per_class=1)
+    records = install_trials(model, 1, 0, prompts, [TargetClass("mid", 2, 40)], settings, batch_size=5)
+    return records, summarize_install(records)
+
+
+def test_install_native_reference_is_a_row_of_the_same_call(qwen_pair):
+    fp32, bf16 = qwen_pair
+    records, summary = _install(fp32)
+    # in float32 nothing changes: the row reference equals the native pass's (the earlier reference) to 1e-6
+    assert (records["native_logp"] - records["native_pass_logp"]).abs().max() < 1e-6
+    assert (records["floor"] < 1e-6).all() and "floor" in summary.columns
+    records, summary = _install(bf16)
+    assert np.isfinite(records["floor"]).all() and (summary["floor"] == records["floor"].max()).all()
+    assert set(records["below_floor"]) <= {0, 1}
+    from writesae_lens.generation.install import format_install_summary
+
+    assert "numerical floor" in format_install_summary(summary)

@@ -132,7 +132,10 @@ def condition_pushes(saes, features: pd.DataFrame, settings: AmplificationSettin
 @torch.no_grad()
 def amplification_probe(model, saes: dict[int, object], layer: int, prompts: list[Tensor], passages: Tensor,
                         boundary_token: int, settings: AmplificationSettings = AmplificationSettings(), *,
-                        batch_size: int = 64, progress: bool = False) -> AmplificationResult:
+                        batch_size: int = 64, progress: bool = False,
+                        precision: str = "float32") -> AmplificationResult:
+    """The probe of the module docstring; ``precision``: that of the layers from ``layer`` on
+    (``engine.generate_rows``; every condition, the baseline included, runs through that same computation)."""
     if model.tokenizer is None:
         raise ValueError("the amplification probe measures decoded text: the model needs a tokenizer")
     if not saes:
@@ -151,7 +154,8 @@ def amplification_probe(model, saes: dict[int, object], layer: int, prompts: lis
             seeds.append(int(np.random.SeedSequence([settings.seed, p, c]).generate_state(1)[0]))
             meta.append((p, name))
     out = generate_rows(model, rows, max_new_tokens=settings.max_new_tokens, pushes=pushes, do_sample=True,
-                        temperature=settings.temperature, seeds=seeds, batch_size=batch_size, progress=progress)
+                        temperature=settings.temperature, seeds=seeds, batch_size=batch_size, progress=progress,
+                        precision=precision, tail_from=layer)
     records = []
     for r, (p, name) in enumerate(meta):
         text = model.tokenizer.decode(out.tokens[r].tolist(), skip_special_tokens=True)

@@ -14,6 +14,13 @@ that token, and what writing it where it does not fire does.
 
 Every edit is a ``CacheEdit`` after the read at t, each row of the batched engine is one (firing, edit) teacher-forced
 to t + 1 (``max_new_tokens=1``), so every number equals the hook path on the prefix alone.
+
+Precision and floor (issue #18): the layers from the edited one on run in float32 whatever the model's dtype
+(``engine.generate_rows``), and each change is a difference between rows of one call (native and edited rows of
+the same prefix, the same computation). The floor: the evaluation firings' native rows run once more in a call of
+their own (other batches); the largest |log p(preferred)| difference between the two computations of the same
+number is ``result.floor``, and the summary reports it with the number of evaluation firings whose change (delete or
+atom) is at or below it.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class ErasureResult:
     nonfiring: pd.DataFrame  # one row per (non-firing position, m)
     dose: pd.DataFrame  # one row per (dose position, m)
     summary: dict = field(default_factory=dict)
+    floor: float = float("nan")  # the largest |log p| between two computations of the same native rows
 
 
 def atom_edits(sae, feature: int, row: int, position: int, layer: int, head: int,
@@ -72,8 +80,10 @@ def delete_edit(row: int, position: int, layer: int, head: int) -> CacheEdit:
 @torch.no_grad()
 def erasure_probe(model, sae, layer: int, head: int, feature: int, passages: Tensor,
                   settings: ErasureSettings = ErasureSettings(), *, batch_size: int = 128,
-                  progress: bool = False) -> ErasureResult:
-    """The three steps of the module docstring on ``passages`` [n, n_pos]."""
+                  progress: bool = False, precision: str = "float32") -> ErasureResult:
+    """The three steps of the module docstring on ``passages`` [n, n_pos]. ``precision``: that of the layers from
+    ``layer`` on (``engine.generate_rows``)."""
+    run = dict(precision=precision, tail_from=layer)
     if not 0 <= feature < sae.cfg.d_sae:
         raise ValueError(f"feature {feature} is out of range; the SAE has features 0..{sae.cfg.d_sae - 1}")
     passages = torch.as_tensor(passages).long()
@@ -97,7 +107,8 @@ def erasure_probe(model, sae, layer: int, head: int, feature: int, passages: Ten
     for p, t, _ in detect:
         rows += [prefix(p, t), prefix(p, t)]
         edits.append(delete_edit(len(rows) - 1, t, layer, head))
-    out = generate_rows(model, rows, max_new_tokens=1, edits=edits, keep_first_logprobs=True, batch_size=batch_size)
+    out = generate_rows(model, rows, max_new_tokens=1, edits=edits, keep_first_logprobs=True, batch_size=batch_size,
+                        **run)
     diffs = (out.first_logprobs[0::2] - out.first_logprobs[1::2]).sum(0)  # [d_vocab]
     top = torch.topk(diffs, min(20, len(diffs)))
     preferred = int(top.indices[0])
@@ -110,7 +121,9 @@ def erasure_probe(model, sae, layer: int, head: int, feature: int, passages: Ten
         rows += [prefix(p, t)] * 3
         edits.append(delete_edit(base + 1, t, layer, head))
         edits += atom_edits(sae, feature, base + 2, t, layer, head, -code)
-    lp, rank = _watch_first(model, rows, edits, preferred, batch_size)
+    lp, rank = _watch_first(model, rows, edits, preferred, batch_size, run)
+    again, _ = _watch_first(model, rows[0::3], [], preferred, batch_size, run)  # the native rows alone
+    floor = float(np.abs(again - lp[0::3]).max())
     erasure = pd.DataFrame({
         "passage": [p for p, _, _ in evaluate], "position": [t for _, t, _ in evaluate],
         "code": [c for _, _, c in evaluate],
@@ -121,17 +134,17 @@ def erasure_probe(model, sae, layer: int, head: int, feature: int, passages: Ten
     # 3. writes of m a* A_i where the feature is silent, and the dose table
     silent = _silent_positions(scan, feature, passages.shape[0], last, rng)
     nonfiring = _write_rows(model, sae, layer, head, feature, passages, silent[: settings.n_nonfiring],
-                            settings.multipliers, a_star, preferred, batch_size)
+                            settings.multipliers, a_star, preferred, batch_size, run)
     dose = _write_rows(model, sae, layer, head, feature, passages, silent[: settings.n_dose],
-                       settings.dose_multipliers, a_star, preferred, batch_size)
-    result = ErasureResult(feature, preferred, a_star, detection, erasure, nonfiring, dose)
+                       settings.dose_multipliers, a_star, preferred, batch_size, run)
+    result = ErasureResult(feature, preferred, a_star, detection, erasure, nonfiring, dose, floor=floor)
     result.summary = summarize_erasure(result, settings)
     return result
 
 
-def _watch_first(model, rows, edits, token: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _watch_first(model, rows, edits, token: int, batch_size: int, run: dict) -> tuple[np.ndarray, np.ndarray]:
     out = generate_rows(model, rows, max_new_tokens=1, edits=edits, watch=torch.full((len(rows), 1), token),
-                        batch_size=batch_size)
+                        batch_size=batch_size, **run)
     return out.watch_logp[:, 0, 0].numpy().astype(float), out.watch_rank[:, 0, 0].numpy()
 
 
@@ -142,7 +155,7 @@ def _silent_positions(scan, feature: int, n_passages: int, last: int, rng) -> li
     return [pool[i] for i in rng.permutation(len(pool))]
 
 
-def _write_rows(model, sae, layer, head, feature, passages, positions, multipliers, a_star, token, batch_size):
+def _write_rows(model, sae, layer, head, feature, passages, positions, multipliers, a_star, token, batch_size, run):
     rows, edits = [], []
     for p, t in positions:
         rows.append(passages[p, : t + 2])
@@ -151,7 +164,7 @@ def _write_rows(model, sae, layer, head, feature, passages, positions, multiplie
             edits += atom_edits(sae, feature, len(rows) - 1, t, layer, head, m * a_star)
     if not rows:
         return pd.DataFrame(columns=["passage", "position", "m", "delta"])
-    lp, _ = _watch_first(model, rows, edits, token, batch_size)
+    lp, _ = _watch_first(model, rows, edits, token, batch_size, run)
     stride = 1 + len(multipliers)
     records = []
     for i, (p, t) in enumerate(positions):
@@ -170,6 +183,9 @@ def summarize_erasure(result: ErasureResult, settings: ErasureSettings) -> dict:
         summary[edit] = {"median": float(np.median(d)), "ci_low": low, "ci_high": high, "mean": float(d.mean()),
                          "wilcoxon_p": signed_rank_p(d), "median_rank": float(np.median(e[f"rank_{edit}"]))}
     summary["median_rank_native"] = float(np.median(e.rank_native))
+    if np.isfinite(result.floor):
+        smallest = np.minimum(e.delta_delete.abs().to_numpy(), e.delta_atom.abs().to_numpy())
+        summary["floor"] = {"floor": result.floor, "below_floor": int((smallest <= result.floor).sum())}
     summary["nonfiring"] = {float(m): {"n": len(g), "median": float(g.delta.median()), "wilcoxon_p":
                                        signed_rank_p(g.delta.to_numpy())} for m, g in result.nonfiring.groupby("m")}
     if len(result.dose) > 2 and result.dose.m.nunique() > 1:
@@ -190,6 +206,9 @@ def format_erasure_summary(result: ErasureResult, token_text: str | None = None)
         lines.append(f"    {label:<17} median {d['median']:+.4g} [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]  mean "
                      f"{d['mean']:+.4g}  Wilcoxon p = {d['wilcoxon_p']:.3g}  median rank {s['median_rank_native']:.0f}"
                      f" -> {d['median_rank']:.0f}")
+    if "floor" in s:
+        lines.append(f"  numerical floor (|log p| between two computations of the native rows): {s['floor']['floor']:.3g};"
+                     f" firings with a change at or below it: {s['floor']['below_floor']} of {s['n_eval']}")
     lines.append("  writes of m a* A at non-firing positions:")
     for m, d in s["nonfiring"].items():
         lines.append(f"    m = {m:g}: n = {d['n']}, median {d['median']:+.4g}, Wilcoxon p = {d['wilcoxon_p']:.3g}")

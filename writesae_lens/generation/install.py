@@ -12,7 +12,13 @@ matched-norm random direction (a Gaussian unit vector in place of v_T*, one per 
 that prompt's targets). Every edit window lies before the prompt's last token, so the first generated token is the
 first affected step: its rank and log-prob of T are recorded for the edited, native and random rows.
 
-All rows (native, edited, random) are rows of the batched engine (``engine.generate_rows``).
+All rows (native, edited, random) are rows of the batched engine (``engine.generate_rows``), with the layers from
+the edited one on in float32 whatever the model's dtype (issue #18). The native reference of the first-step rank and
+log-prob (``native_rank``, ``native_logp``, so the ``lift``) is an unedited row of the same call as the edited and
+random rows (one per prompt): the same computation. ``native_pass_logp`` is the same log-prob from the native
+continuation run (another call, other batches); ``floor`` = |native_logp - native_pass_logp|, two computations of
+the same number that differ only in rounding. The run's floor is the largest; the summary reports it and how many
+trials' |lift| is at or below it (``below_floor``).
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ class InstallSettings:
 
 RECORD_COLUMNS = ["prompt", "window", "first_position", "target_class", "target", "m", "native_rank", "edited_rank",
                   "random_rank", "native_logp", "edited_logp", "random_logp", "lift", "rank_shift", "rank_improved",
-                  "included", "native_included", "random_included", "direction_norm"]
+                  "included", "native_included", "random_included", "direction_norm", "native_pass_logp", "floor",
+                  "below_floor"]
 
 
 def window_positions(length: int, settings: InstallSettings) -> list[list[int]]:
@@ -73,18 +80,21 @@ class InstallPlan:
 @torch.no_grad()
 def install_trials(model, layer: int, head: int, prompts: list[Tensor], classes: list[TargetClass],
                    settings: InstallSettings = InstallSettings(), *, batch_size: int = 256,
-                   progress: bool = False) -> pd.DataFrame:
-    """One record per (prompt, window, target, m) with the columns ``RECORD_COLUMNS``."""
+                   progress: bool = False, precision: str = "float32") -> pd.DataFrame:
+    """One record per (prompt, window, target, m) with the columns ``RECORD_COLUMNS``. ``precision``: that of the
+    layers from ``layer`` on (``engine.generate_rows``)."""
     prompts = [torch.as_tensor(p).long().cpu() for p in prompts]
-    plan = plan_install(model, layer, head, prompts, classes, settings, batch_size=batch_size)
+    plan = plan_install(model, layer, head, prompts, classes, settings, batch_size=batch_size, precision=precision)
     result = generate_rows(model, plan.rows, max_new_tokens=settings.max_new_tokens, edits=plan.edits,
-                           watch=plan.watch, watch_steps=1, batch_size=batch_size, progress=progress)
+                           watch=plan.watch, watch_steps=1, batch_size=batch_size, progress=progress,
+                           precision=precision, tail_from=layer)
     return _records(plan.targets, prompts, settings, plan.native, result, plan.meta, plan.by_prompt, plan.norms)
 
 
 @torch.no_grad()
 def plan_install(model, layer: int, head: int, prompts: list[Tensor], classes: list[TargetClass],
-                 settings: InstallSettings = InstallSettings(), *, batch_size: int = 256) -> InstallPlan:
+                 settings: InstallSettings = InstallSettings(), *, batch_size: int = 256,
+                 precision: str = "float32") -> InstallPlan:
     """Check the input, run the native continuations, pick the targets and build every edited and control row."""
     prompts = [torch.as_tensor(p).long().cpu() for p in prompts]
     check_classes(classes, model.cfg.d_vocab)
@@ -96,7 +106,7 @@ def plan_install(model, layer: int, head: int, prompts: list[Tensor], classes: l
                              f"positions before the last token need at least {needed}; the positions would lie past "
                              "the prompt")
     native = generate_rows(model, prompts, max_new_tokens=settings.max_new_tokens, keep_first_logprobs=True,
-                           batch_size=batch_size)
+                           batch_size=batch_size, precision=precision, tail_from=layer)
     special = set(getattr(model.tokenizer, "all_special_ids", []) or []) if model.tokenizer is not None else set()
     targets = pick_targets(native.first_logprobs, prompts, classes, settings.targets_per_class, settings.seed, special)
     if targets.empty:
@@ -109,6 +119,10 @@ def plan_install(model, layer: int, head: int, prompts: list[Tensor], classes: l
     by_prompt = {p: group.index.to_numpy() for p, group in targets.groupby("prompt")}
     n_watch = int(max(len(v) for v in by_prompt.values()))
     for p, target_rows in by_prompt.items():
+        ids = [int(target_ids[i]) for i in target_rows]
+        rows.append(prompts[p])  # the native reference: an unedited row of the same call
+        watch.append(ids + [-1] * (n_watch - len(ids)))
+        meta.append(("native", p, None, None, None))
         windows = window_positions(len(prompts[p]), settings)
         for w, positions in enumerate(windows):
             for m in settings.multipliers:
@@ -134,20 +148,22 @@ def plan_install(model, layer: int, head: int, prompts: list[Tensor], classes: l
 
 def _records(targets, prompts, settings, native, result, meta, by_prompt, norms) -> pd.DataFrame:
     random_rows = {(p, w, m): r for r, (kind, p, w, m, _) in enumerate(meta) if kind == "random"}
+    native_rows = {p: r for r, (kind, p, _, _, _) in enumerate(meta) if kind == "native"}
     first = native.first_logprobs  # [n_prompts, d_vocab]
     records = []
     for r, (kind, p, w, m, i) in enumerate(meta):
         if kind != "edited":
             continue
         target = int(targets.at[i, "target"])
-        native_logp = float(first[p, target])
-        native_rank = int(1 + (first[p] > first[p, target]).sum())
+        slot = list(by_prompt[p]).index(i)
+        n = native_rows[p]
+        native_logp, native_rank = float(result.watch_logp[n, 0, slot]), int(result.watch_rank[n, 0, slot])
+        native_pass_logp = float(first[p, target])
         edited_rank, edited_logp = int(result.watch_rank[r, 0, 0]), float(result.watch_logp[r, 0, 0])
         random_rank = random_logp = math.nan
         random_included = None
         if (p, w, m) in random_rows:
             q = random_rows[(p, w, m)]
-            slot = list(by_prompt[p]).index(i)
             random_rank, random_logp = int(result.watch_rank[q, 0, slot]), float(result.watch_logp[q, 0, slot])
             random_included = bool((result.tokens[q] == target).any())
         records.append(dict(
@@ -157,9 +173,13 @@ def _records(targets, prompts, settings, native, result, meta, by_prompt, norms)
             random_logp=random_logp, lift=edited_logp - native_logp, rank_shift=native_rank - edited_rank,
             rank_improved=edited_rank < native_rank, included=bool((result.tokens[r] == target).any()),
             native_included=bool((native.tokens[p] == target).any()), random_included=random_included,
-            direction_norm=float(norms[i]),
+            direction_norm=float(norms[i]), native_pass_logp=native_pass_logp,
+            floor=abs(native_logp - native_pass_logp),
         ))
-    return pd.DataFrame(records, columns=RECORD_COLUMNS)
+    table = pd.DataFrame(records, columns=RECORD_COLUMNS)
+    run_floor = float(table["floor"].max()) if len(table) else math.nan
+    table["below_floor"] = (table["lift"].abs() <= run_floor).astype(int)
+    return table
 
 
 def summarize_install(records: pd.DataFrame) -> pd.DataFrame:
@@ -184,6 +204,9 @@ def summarize_install(records: pd.DataFrame) -> pd.DataFrame:
         row["rank_improved"] = g["rank_improved"].mean()
         row["median_lift"] = float(np.median(g["lift"]))
         row["median_rank_shift"] = float(np.median(g["rank_shift"]))
+        if "floor" in g.columns:  # records saved before #18 have none
+            floor = float(records["floor"].max())  # the run's floor
+            row.update(floor=floor, below_floor=int((g["lift"].abs() <= floor).sum()))
         vs_native = mcnemar_exact(g["included"].to_numpy(bool), g["native_included"].to_numpy(bool))
         row.update(p_vs_native=vs_native.p_value, only_edited_vs_native=vs_native.only_first,
                    only_native=vs_native.only_second)
@@ -210,6 +233,11 @@ def format_install_summary(summary: pd.DataFrame) -> str:
         lines.append(f"  {r.target_class:<10} {r.m:>4g} {r.n:>5d}  {pct(r, 'edited'):<22} {pct(r, 'native'):<22} "
                      f"{pct(r, 'random'):<22} {100 * r.rank_improved:6.1f}% {r.median_lift:+7.3f} "
                      f"{r.median_rank_shift:>+10.1f} {r.p_vs_native:8.2g} {r.p_vs_random:8.2g}")
+    if "floor" in summary.columns and len(summary):
+        pooled = summary[summary["target_class"] == "pooled"]
+        lines.append(f"  numerical floor (|log p| between two computations of the native distribution): "
+                     f"{summary['floor'].iloc[0]:.3g}; trials with |lift| at or below it: "
+                     f"{int(pooled['below_floor'].sum())} of {int(pooled['n'].sum())}")
     return "\n".join(lines)
 
 
