@@ -237,7 +237,7 @@ def _logit_effects(model, tokens: Tensor, layer: int, settings: MemorySettings, 
     for mode in effects:
         for rows in _batches(len(jobs), settings.batch_size):
             chunk = jobs[rows]
-            heads = torch.tensor([h for h, _ in chunk])
+            heads_cpu = torch.tensor([h for h, _ in chunk])
             b_idx = torch.tensor([b for _, b in chunk])
             captured: dict[str, Tensor] = {}
 
@@ -249,6 +249,7 @@ def _logit_effects(model, tokens: Tensor, layer: int, settings: MemorySettings, 
             def replace(x: Tensor, hook) -> Tensor:  # [rows, pos, head, d_k * d_v]
                 x = x.clone()
                 r = torch.arange(len(chunk), device=x.device)
+                heads = heads_cpu.to(x.device)
                 if mode == "kl_zero":
                     x[r, :, heads] = 0.0
                 else:
@@ -263,7 +264,7 @@ def _logit_effects(model, tokens: Tensor, layer: int, settings: MemorySettings, 
             hooks.append((_hook(layer, "hook_state"), replace))
             logits = model.run_with_hooks(tokens[b_idx], fwd_hooks=hooks)
             kl = mean_kl(base_logits[b_idx, p0:], logits[:, p0:].cpu())  # [rows]
-            effects[mode].index_add_(0, heads, kl)
+            effects[mode].index_add_(0, heads_cpu, kl)
             bar.update(1)
         effects[mode] /= n
     return effects
