@@ -334,15 +334,18 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
                 running, n_running = 0.0, 0
-            if (step + 1) % args.eval_every == 0 or last or pause:
-                held = heldout_loss(model, held_blocks, args.batch)
-                log["heldout_loss"].append([step + 1, round(held, 4)])
+            evaluate = (step + 1) % args.eval_every == 0 or last or (pause and not stop_requested)
+            if evaluate or stop_requested:  # on a signal: save at once, without the held-out pass
+                if evaluate:
+                    held = heldout_loss(model, held_blocks, args.batch)
+                    log["heldout_loss"].append([step + 1, round(held, 4)])
+                    print(f"  heldout loss {held:.3f} (ppl {math.exp(held):.1f})", flush=True)
                 log["steps_done"] = step + 1
                 log["train_seconds"] = round(seconds_before + time.time() - start, 1)
                 log["finished"] = last
-                print(f"  heldout loss {held:.3f} (ppl {math.exp(held):.1f}); saved {out}", flush=True)
                 save(model, tokenizer, out, log)
                 save_checkpoint(out / "checkpoint.pt", model, opt, gen, step + 1, log)
+                print(f"  saved {out} at step {step + 1}", flush=True)
             if pause:
                 why = f"signal {stop_requested[0]}" if stop_requested else "--stop-at"
                 print(f"stopped at step {step + 1} ({why}); continue with --resume --out {out}", flush=True)

@@ -112,4 +112,5 @@ def test_sigterm_ends_the_run_with_a_checkpoint(tmp_path, monkeypatch):
                        "--eval-blocks", "2", "--warmup", "1", "--out", str(tmp_path / "run")])
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert checkpoint["step"] == 2 and checkpoint["log"]["finished"] is False
+    assert checkpoint["log"]["heldout_loss"] == []  # saved at once, without the held-out pass
     assert signal.getsignal(signal.SIGTERM) is before
