@@ -9,11 +9,18 @@ for states at every position.
 
     OMP_NUM_THREADS=1 python bench/bench_sweep.py --threads 1                   # qwen35-tiny, 12 cells
     OMP_NUM_THREADS=1 python bench/bench_sweep.py --threads 1 --all-positions
+    OMP_NUM_THREADS=1 python bench/bench_sweep.py --threads 1 --ranks 2       # + `writesae sweep`, 1 rank vs torchrun
+
+``--ranks N`` also times the whole command (``writesae sweep``: training, substitution test, table) on the same
+cells in one process and under ``torchrun --nproc-per-node N`` (gloo on CPU), and checks both give the same table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +40,30 @@ def settings_for(args, layer: int, head: int):
                                   final_token_only=True, seed=layer * 100 + head)
 
 
+def sweep_config(args, cells) -> str:
+    lines = [f'model = "{args.model}"', "seeds = [0]", "[cells]",
+             "list = [" + ", ".join(f"[{layer}, {head}]" for layer, head in cells) + "]", "[train]",
+             f"context_size = {args.context}"]
+    if args.all_positions:
+        lines += [f"training_tokens = {args.steps * args.context * 4}", f"batch_tokens = {args.context * 4}"]
+    else:
+        lines += [f"training_tokens = {args.steps * 16}", "batch_tokens = 16", "final_token_only = true"]
+    lines += ["lr = 1e-3", "warmup_steps = 1", "[[variants]]", 'name = "topk"', f"d_sae = {args.d_sae}",
+              f"k = {args.k}", "[substitution]", "passages = 4", "passage_len = 32", "max_firings_per_feature = 4",
+              "metrics_passages = 2"]
+    return "\n".join(lines) + "\n"
+
+
+def time_command(prefix: list[str], config: Path, out: Path, threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    done = subprocess.run([*prefix, "-m", "writesae_lens.cli", "sweep", str(config), "--out", str(out),
+                           "--no-progress"], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen35-tiny")
@@ -42,6 +73,8 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=128)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--all-positions", action="store_true", help="states at every position (default: final token)")
+    parser.add_argument("--ranks", type=int, default=0,
+                        help="also time `writesae sweep` in one process and under torchrun with this many ranks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -85,6 +118,21 @@ def main() -> None:
     print(f"one stream:                {stream:8.2f} s (of which preparing the {len(cells)} runners {prepare:.2f} s)")
     print(f"ratio separate / stream:   {separate / stream:8.2f}x")
     print(f"largest weight difference between the two: {worst:.3g}")
+
+    if args.ranks > 1:
+        import pandas as pd
+
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            config = root / "sweep.toml"
+            config.write_text(sweep_config(args, cells), encoding="utf-8")
+            one = time_command([sys.executable], config, root / "one", args.threads)
+            many = time_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                 str(args.ranks)], config, root / "many", args.threads)
+            same = pd.read_csv(root / "one" / "results.csv").equals(pd.read_csv(root / "many" / "results.csv"))
+        print(f"writesae sweep, 1 process:          {one:8.2f} s")
+        print(f"writesae sweep, torchrun {args.ranks} ranks:   {many:8.2f} s ({one / many:.2f}x; gloo, "
+              f"{args.threads} thread(s) per rank; same table: {same})")
 
 
 if __name__ == "__main__":
