@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .records import validate_records
 from .stats import proportion, strict_chain_indicator, win_indicator
+from .numerical_floor import floor_summary
 from .substitution import replacement_test
 
 FLAT_VARIANTS = ("reconstruction", "atom")
@@ -112,7 +113,8 @@ def flat_svd_test(model, flat_sae, layer: int, head: int, tokens, *, variant: st
 
 def substitution_row(name: str, records: pd.DataFrame) -> dict:
     """One row of the comparison table: firings, passages, win rate with its Wilson interval, strict chain, median
-    KLs."""
+    KLs, and the run's numerical floor with the firings at or below it (``numerical_floor``; NaN / -1 for records
+    saved before #18, which have no ``kl_floor``)."""
     table = validate_records(records)
     kl = {c: table[f"kl_{c}"].to_numpy() for c in ("atom", "delete", "random")}
     win = proportion(win_indicator(kl["atom"], kl["delete"]))
@@ -121,7 +123,15 @@ def substitution_row(name: str, records: pd.DataFrame) -> dict:
         "substitute": name, "firings": win.n, "passages": int(table["passage"].nunique()),
         "win_rate": win.rate, "wilson_low": win.low, "wilson_high": win.high, "strict_chain": chain.rate,
         **{f"median_kl_{c}": float(np.median(values)) for c, values in kl.items()},
+        **_floor_columns(records),
     }
+
+
+def _floor_columns(records: pd.DataFrame) -> dict:
+    floor = floor_summary(records)
+    if floor is None:
+        return {"floor": float("nan"), "below_floor": -1}
+    return {"floor": floor.floor, "below_floor": floor.n_below}
 
 
 def compare_substitution(records_by_name: dict[str, pd.DataFrame], reference: str | None = None) -> pd.DataFrame:
