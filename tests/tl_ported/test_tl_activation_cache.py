@@ -117,6 +117,19 @@ def test_accumulated_resid_ends_at_the_final_stream(model, run):
     assert cache.accumulated_resid(layer=1).shape[0] == 2
 
 
+def test_apply_ln_recompute_differs_from_the_cached_scale(model, run):
+    """Logit-lens normalisation (each entry re-normalised by ``ln_final``) is not the cached final scale applied to
+    every entry; the two agree only on the final stream itself (up to the final norm's weight and bias)."""
+    _, _, cache = run
+    stack = cache.accumulated_resid()
+    recomputed = cache.apply_ln_to_stack(stack, layer=None, recompute_ln=True)
+    cached = cache.apply_ln_to_stack(stack, layer=None, recompute_ln=False)
+    assert not torch.allclose(recomputed[0], cached[0], atol=1e-3)
+    final_normed = model.ln_final(stack[-1])
+    assert relative_error(recomputed[-1], final_normed) < 1e-6
+    assert relative_error(cached[-1], cache["ln_final.hook_normalized"]) < 1e-5
+
+
 def test_accumulated_resid_with_mid(model, run):
     _, _, cache = run
     if "blocks.0.hook_resid_mid" not in model.hook_dict:  # Mamba-2 blocks have no MLP, hence no resid_mid

@@ -67,10 +67,10 @@ def padding_layout(real: Tensor) -> Literal["left", "right"]:
                      "real token) or right padding (pads after its last one); pads inside a row are not supported")
 
 
-def pad_mask_for_call(attention_mask, shape, cache) -> Tensor | None:
+def pad_mask_for_call(attention_mask, shape, cache, device=None) -> Tensor | None:
     """The pad mask [batch, pos] (True at pads) the layers must see for this call, or None: left padding gives its
     pads (on a call that starts a sequence); right padding without a cache gives None (causality makes the layers
-    ignore trailing pads)."""
+    ignore trailing pads). The mask is moved to ``device`` (the input's)."""
     real = checked_real_mask(attention_mask, shape)
     if real is None:
         return None
@@ -84,7 +84,7 @@ def pad_mask_for_call(attention_mask, shape, cache) -> Tensor | None:
     if continuing:
         raise ValueError("padding is accepted only on a call that starts a sequence (an empty cache): the decoding "
                          "steps after a padded prompt need no attention_mask")
-    return ~real
+    return ~real.to(device) if device is not None else ~real
 
 
 def masked_next_token_loss(logits: Tensor, tokens: Tensor, attention_mask=None, per_token: bool = False) -> Tensor:

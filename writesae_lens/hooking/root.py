@@ -321,7 +321,8 @@ class HookedRecurrentLM(HookedRootModule):
             raise ValueError("stop_at_layer before the last layer cannot be combined with a cache (the cache would be "
                              "left half-updated); stop_at_layer=n_layers (the final residual stream) can, and so "
                              "can a frozen cache (cache.freeze()), which calls read without updating")
-        pad = pad_mask_for_call(attention_mask, tuple((tokens if resid is None else input).shape[:2]), cache)
+        first_input = tokens if resid is None else input
+        pad = pad_mask_for_call(attention_mask, tuple(first_input.shape[:2]), cache, first_input.device)
         if pad is not None:  # the pads' positions: no write, identity transitions, out of every window and key set
             cache = self.empty_cache() if cache is None else cache
             cache.positions = -pad.sum(1)  # rotary positions count from each row's first real token
