@@ -114,8 +114,8 @@ def _direction(shape, seed=1):
 
 
 def test_every_mixer_hook_carries_the_derivative_of_an_edit(family):
-    """``x + a r`` on every write, read and transition hook (r dense, entries ~ |x|): autograd's d loss / d a at a = 0 equals the
-    finite difference (before the fix the write key gave None on the delta-rule and Mamba-2 models)."""
+    """``x + a r`` on every write, read and transition hook (r dense, entries ~ |x|): autograd's d loss / d a at
+    a = 0 equals the finite difference (before the fix the write key gave None on the delta-rule and Mamba-2 models)."""
     name, model, tokens, layer = family
     for hook in WRITE_HOOKS + EXTRA_HOOKS[name]:
         hook_name = f"blocks.{layer}.mixer.{hook}"

@@ -79,7 +79,7 @@ class _Link(torch.autograd.Function):
             every = bool(ctx.state_kept.all())
             state_grad = lam if every else lam * ctx.state_kept[..., None, None].to(lam.dtype)
         if ctx.key_kept is not None:
-            kept = ctx.key_kept if ctx.state_kept is None else ctx.key_kept & ctx.state_kept  # a replaced state hides it
+            kept = ctx.key_kept if ctx.state_kept is None else ctx.key_kept & ctx.state_kept  # replaced: hidden
             key_grad = torch.einsum("bphkv,bphv->bphk", lam, ctx.u.to(lam.dtype)) * kept[..., None].to(lam.dtype)
         cast = lambda g, i: None if g is None else g.to(ctx.dtypes[i])  # noqa: E731
         neg = lambda g, i: None if g is None else (-g).to(ctx.dtypes[i])  # noqa: E731

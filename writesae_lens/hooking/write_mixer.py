@@ -263,7 +263,8 @@ class MatrixWriteMixer(nn.Module):
             if not needs_link(flat):
                 return edits, None
             # gradients: the states shown are what the reads see (``shown`` is another node than ``flat``)
-            return edits, UnchangedCells(flat.reshape(shown.shape), shown, flat.new_ones(flat.shape[:3], dtype=torch.bool))
+            every_cell = flat.new_ones(flat.shape[:3], dtype=torch.bool)
+            return edits, UnchangedCells(flat.reshape(shown.shape), shown, every_cell)
         hooked = _checked_shape(hooked, flat.shape, "hook_state").reshape(batch, n_pos, n_heads, d_k, d_v)
         hooked = upcast(hooked)
         if edited_in_place:  # the shown tensor was overwritten: rebuild it
