@@ -10,11 +10,20 @@ of the suffix predicting its own tokens (``suffix_len - 1`` tokens, as the autho
 - ``svd_splice(rank)``: each chosen head's state replaced by its rank-r truncation ``sum_{i<r} s_i u_i v_i^T``.
 
 Fast and exact: the prefix runs **once** per passage for all conditions, batched over passages. The native suffix
-runs once from that cache (it gives the native loss and the residual stream entering the edited layer, which no
-splice changes); every condition's suffix then runs only from the edited layer on, with all conditions x passages as
-rows of batches, each row's cache a copy of its passage's prefix cache (attention keys included) with the splice
-applied. The authors' scripts rerun the prefix per condition; ``bench/bench_reconstruction.py`` compares the two (same
-losses).
+runs once from that cache (the *native pass*: it gives the residual stream entering the edited layer, which no
+splice changes); every condition's suffix then runs only from the edited layer on, with passages x (conditions + one
+unspliced row) as rows of batches, each row's cache a copy of its passage's prefix cache (attention keys included)
+with the splice applied. The authors' scripts rerun the prefix per condition; ``bench/bench_reconstruction.py``
+compares the two (same losses).
+
+Precision and the floor (issue #18). The ``native`` loss is the unspliced row of the passage, through the same
+computation as its conditions (a passage's rows share a batch whenever ``row_batch_size`` holds them), so the rounding
+of the row path cancels in every difference: a splice that changes nothing gives exactly the native loss, in bf16
+too. With ``precision="float32"`` (the default) the prefix, the native pass and the rows run the edited layer, every
+later layer, the final norm and the unembedding in float32 whatever the model's dtype (``tail_precision``; RWKV-7
+from layer 0, ``full_run_start``); a float32 model is run as it is. Each passage's ``floor`` is |native row - native
+pass|, two computations of the same loss that differ only in rounding; ``reconstruction_table`` reports the largest
+and flags conditions whose change of the loss is at or below it.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .passages import as_passages
+from .tail_precision import comparison_model, full_run, full_run_start
 
 RANKS = (1, 2, 4, 8, 16, 32)
 
@@ -92,10 +102,12 @@ def apply_splice(state: Tensor, splice: Splice) -> Tensor:
 
 @torch.no_grad()
 def reconstruction_sweep(model, layer: int, tokens, conditions: dict[str, Splice], *, prefix_len: int | None = None,
-                         passage_batch_size: int = 8, row_batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
-    """Suffix losses under each splice; one row per (passage, condition), the condition ``"native"`` included:
-    ``nll`` (mean over the suffix's predicted tokens, nats) and ``tokens``. ``prefix_len`` defaults to half the
-    passage length (the authors' 512 of 1,024)."""
+                         passage_batch_size: int = 8, row_batch_size: int = 64, precision: str = "float32",
+                         progress: bool = True) -> pd.DataFrame:
+    """Suffix losses under each splice; one row per (passage, condition), the condition ``"native"`` (the unspliced
+    row) first: ``nll`` (mean over the suffix's predicted tokens, nats), ``tokens`` and the passage's ``floor``
+    (|native row - native pass|, nats). ``prefix_len`` defaults to half the passage length (the authors' 512 of
+    1,024). ``precision``: ``"float32"`` (the layers from the edited one on in float32) or ``"model"``."""
     tokens = as_passages(model, tokens)
     n_passages, n_pos = tokens.shape
     prefix_len = n_pos // 2 if prefix_len is None else prefix_len
@@ -103,37 +115,55 @@ def reconstruction_sweep(model, layer: int, tokens, conditions: dict[str, Splice
         raise ValueError(f"prefix_len must leave a prefix and a suffix of at least 2 tokens: 1..{n_pos - 2}, got "
                          f"{prefix_len}")
     _check_conditions(model, layer, conditions)
-    names = list(conditions)
+    if row_batch_size < 1:
+        raise ValueError(f"row_batch_size must be positive, got {row_batch_size}")
+    start_layer = full_run_start(model, layer)
+    runner = comparison_model(model, start_layer, precision)  # float32 from start_layer on (or the model itself)
+    names = ["native", *conditions]
     rows = []
-    for start in tqdm(range(0, n_passages, passage_batch_size), desc="reconstruction sweep", disable=not progress):
-        batch = tokens[start : start + passage_batch_size]
-        prefix, suffix = batch[:, :prefix_len], batch[:, prefix_len:]
-        cache = model.empty_cache()
-        model(prefix, cache=cache, return_type=None)
-        native_nll, streams = _native_suffix(model, layer, suffix, cache.copy())
-        results = {"native": native_nll}
-        # rows (condition, passage), condition-major, in batches of at most row_batch_size
-        pairs = [(name, i) for name in names for i in range(len(batch))]
-        for lo in range(0, len(pairs), row_batch_size):
-            piece = pairs[lo : lo + row_batch_size]
-            passages = torch.tensor([i for _, i in piece])
-            rows_cache = cache.select(passages)
-            state = rows_cache.layers[layer]["state"]
-            for name in dict.fromkeys(name for name, _ in piece):
-                at = torch.tensor([j for j, (n, _) in enumerate(piece) if n == name], device=state.device)
-                state[at] = apply_splice(state[at], conditions[name])
-            run = {key: x[passages.to(x.device)] for key, x in streams.items()}
-            carried = {key: run[key] for key in model.carried_streams} if layer > 0 else {}
-            final = model(run["resid"], start_at_layer=layer, stop_at_layer=model.cfg.n_layers, cache=rows_cache,
-                          **carried)  # [rows, suffix, d_model]
-            nll = suffix_nll(model, final, suffix[passages.to(suffix.device)])
-            for j, (name, i) in enumerate(piece):
-                results.setdefault(name, torch.empty(len(batch), dtype=torch.float64))[i] = nll[j]
-        for name in ["native", *names]:
+    with full_run(model, runner, start_layer):
+        for start in tqdm(range(0, n_passages, passage_batch_size), desc="reconstruction sweep", disable=not progress):
+            batch = tokens[start : start + passage_batch_size]
+            prefix, suffix = batch[:, :prefix_len], batch[:, prefix_len:]
+            cache = runner.empty_cache()
+            runner(prefix, cache=cache, return_type=None)
+            pass_nll, streams = _native_suffix(runner, layer, suffix, cache.copy())
+            nll = _spliced_rows(runner, layer, conditions, names, cache, streams, suffix, row_batch_size)
+            floor = (nll["native"] - pass_nll).abs()
             for i in range(len(batch)):
-                rows.append({"passage": start + i, "condition": name, "nll": float(results[name][i]),
-                             "tokens": suffix.shape[1] - 1})
+                for name in names:
+                    rows.append({"passage": start + i, "condition": name, "nll": float(nll[name][i]),
+                                 "tokens": suffix.shape[1] - 1, "floor": float(floor[i])})
     return pd.DataFrame(rows)
+
+
+def _spliced_rows(runner, layer: int, conditions: dict[str, Splice], names: list[str], cache, streams, suffix,
+                  row_batch_size: int) -> dict[str, Tensor]:
+    """The suffix loss [batch] (fp64, CPU) of every name (``"native"``: no splice) for each passage of the batch: rows
+    (passage, name), passage-major, run from ``layer`` in batches of at most ``row_batch_size`` rows that hold whole
+    passages whenever ``row_batch_size`` allows (a passage's rows then share one batch: one computation)."""
+    n = suffix.shape[0]
+    pairs = [(name, i) for i in range(n) for name in names]
+    per_batch = row_batch_size // len(names) * len(names) or row_batch_size
+    out = {name: torch.empty(n, dtype=torch.float64) for name in names}
+    for lo in range(0, len(pairs), per_batch):
+        piece = pairs[lo : lo + per_batch]
+        passages = torch.tensor([i for _, i in piece])
+        rows_cache = cache.select(passages)
+        state = rows_cache.layers[layer]["state"]
+        for name in dict.fromkeys(name for name, _ in piece):
+            if name == "native":
+                continue
+            at = torch.tensor([j for j, (n_, _) in enumerate(piece) if n_ == name], device=state.device)
+            state[at] = apply_splice(state[at], conditions[name])
+        run = {key: x[passages.to(x.device)] for key, x in streams.items()}
+        carried = {key: run[key] for key in runner.carried_streams} if layer > 0 else {}
+        final = runner(run["resid"], start_at_layer=layer, stop_at_layer=runner.cfg.n_layers, cache=rows_cache,
+                       **carried)  # [rows, suffix, d_model]
+        nll = suffix_nll(runner, final, suffix[passages.to(suffix.device)])
+        for j, (name, i) in enumerate(piece):
+            out[name][i] = nll[j]
+    return out
 
 
 def _native_suffix(model, layer: int, suffix: Tensor, cache) -> tuple[Tensor, dict[str, Tensor]]:
@@ -178,12 +208,19 @@ def _check_conditions(model, layer: int, conditions: dict[str, Splice]) -> None:
 
 def reconstruction_table(per_passage: pd.DataFrame) -> pd.DataFrame:
     """Per condition: passages, token-weighted mean suffix loss, perplexity ``exp(loss)``, and the perplexity change
-    against ``native`` in percent (the paper's PPL delta)."""
+    against ``native`` in percent (the paper's PPL delta). With a ``floor`` column (sweeps since #18) also ``floor``,
+    the run's numerical floor (the largest per-passage floor, nats), and ``below_floor`` (1 where the condition's
+    loss differs from the native one by at most the floor: a change the arithmetic does not resolve; 0 for native)."""
     weighted = per_passage.assign(total=per_passage["nll"] * per_passage["tokens"])
     grouped = weighted.groupby("condition", sort=False)
     table = pd.DataFrame({"passages": grouped.size(), "loss": grouped["total"].sum() / grouped["tokens"].sum()})
     table["ppl"] = np.exp(table["loss"])
     table["ppl_change_pct"] = 100 * (table["ppl"] / table.loc["native", "ppl"] - 1)
+    if "floor" in per_passage.columns:
+        floor = float(per_passage["floor"].max())
+        table["floor"] = floor
+        below = (table["loss"] - table.loc["native", "loss"]).abs() <= floor
+        table["below_floor"] = np.where(table.index == "native", 0, below.astype(np.int64))
     return table.reset_index()
 
 
