@@ -9,6 +9,7 @@ for states at every position.
 
     OMP_NUM_THREADS=1 python bench/bench_sweep.py --threads 1                   # qwen35-tiny, 12 cells
     OMP_NUM_THREADS=1 python bench/bench_sweep.py --threads 1 --all-positions
+    OMP_NUM_THREADS=1 python bench/bench_sweep.py --threads 1 --batches-per-pass 16
     OMP_NUM_THREADS=1 python bench/bench_sweep.py --threads 1 --ranks 2       # + `writesae sweep`, 1 rank vs torchrun
 
 ``--ranks N`` also times the whole command (``writesae sweep``: training, substitution test, table) on the same
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=128)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--all-positions", action="store_true", help="states at every position (default: final token)")
+    parser.add_argument("--batches-per-pass", type=int, default=1,
+                        help="the stream's model batches per forward pass (1: exactly the single-cell passes)")
     parser.add_argument("--ranks", type=int, default=0,
                         help="also time `writesae sweep` in one process and under torchrun with this many ranks")
     args = parser.parse_args()
@@ -106,7 +109,7 @@ def main() -> None:
                                  settings_for(args, layer, head), root / "stream" / f"{layer}-{head}", "cpu")
                     for layer, head in cells]
         prepare = time.perf_counter() - start
-        train_cells(prepared, progress=False)
+        train_cells(prepared, progress=False, batches_per_pass=args.batches_per_pass)
         stream = time.perf_counter() - start
 
         worst = 0.0
@@ -115,7 +118,7 @@ def main() -> None:
             b = SAE.load_from_disk(root / "stream" / f"{layer}-{head}").state_dict()
             worst = max([worst] + [float((a[n] - b[n]).abs().max()) for n in a])
     print(f"separate single-cell runs: {separate:8.2f} s")
-    print(f"one stream:                {stream:8.2f} s (of which preparing the {len(cells)} runners {prepare:.2f} s)")
+    print(f"one stream ({args.batches_per_pass} batch(es) per pass): {stream:8.2f} s (of which preparing the {len(cells)} runners {prepare:.2f} s)")
     print(f"ratio separate / stream:   {separate / stream:8.2f}x")
     print(f"largest weight difference between the two: {worst:.3g}")
 

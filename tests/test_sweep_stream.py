@@ -36,8 +36,10 @@ def assert_same_sae(a, b):
         torch.testing.assert_close(sa[name], sb[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("final_token_only", [False, True], ids=["all_positions", "final_token"])
-def test_cells_trained_from_one_stream_equal_cells_trained_alone(model, documents, tmp_path, final_token_only):
+@pytest.mark.parametrize("final_token_only, batches_per_pass", [(False, 1), (True, 1), (True, 4)],
+                         ids=["all_positions", "final_token", "final_token_4_batches_per_pass"])
+def test_cells_trained_from_one_stream_equal_cells_trained_alone(model, documents, tmp_path, final_token_only,
+                                                                 batches_per_pass):
     changes = dict(final_token_only=True)
     cells = {"l0h1s5": tiny(0, 1, 5), "l2h3s7": tiny(2, 3, 7), "l2h3s5r2": tiny(2, 3, 5, rank=2)}
     if final_token_only:  # one state per context, one context per model pass: fewer cells and steps
@@ -47,7 +49,7 @@ def test_cells_trained_from_one_stream_equal_cells_trained_alone(model, document
                 for name, s in cells.items()]
     assert not (tmp_path / "sweep").exists()  # preparing trains and writes nothing
     before = torch.get_rng_state()
-    swept = train_cells(prepared, progress=False)
+    swept = train_cells(prepared, progress=False, batches_per_pass=batches_per_pass)
     assert torch.equal(before, torch.get_rng_state())
     for name, settings in cells.items():
         alone = pipeline.train_state_sae(model, documents, settings, tmp_path / "alone" / name)
@@ -73,6 +75,12 @@ def test_one_model_pass_per_batch_feeds_every_cell(model, documents, tmp_path, m
     # 6 steps of 64 states from contexts of 16 tokens, 4 contexts per pass, through a 256-state mixing buffer
     assert len(calls) == 8
     assert all(sorted(names) == [f"blocks.{i}.mixer.hook_state" for i in range(3)] for names in calls)
+
+
+def test_batches_per_pass_must_be_positive(model, documents, tmp_path):
+    cell = prepare_cell("a", pipeline.train_state_sae, model, documents, tiny(0, 0, 1), tmp_path / "a", "cpu")
+    with pytest.raises(ValueError, match="batches_per_pass must be a positive integer"):
+        train_cells([cell], progress=False, batches_per_pass=0)
 
 
 def test_cells_that_cannot_share_a_stream_are_refused(model, documents, tmp_path):

@@ -6,6 +6,7 @@ A TOML (``.toml``) or JSON (``.json``) file::
     text = "corpus.txt"            # optional: documents to train on (default: the shipped held-out text)
     device = "cpu"                 # "cuda": under torchrun each rank takes cuda:LOCAL_RANK
     dtype = "float32"
+    batches_per_pass = 1           # model batches run together in one forward pass (see stream.train_cells)
     seeds = [42, 43, 44]
 
     [cells]                        # layers x heads ("all": every recurrent layer / every head) ...
@@ -51,7 +52,8 @@ from pathlib import Path
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
 _TRAIN_FIELDS = ("context_size", "training_tokens", "batch_tokens", "lr", "warmup_steps", "final_token_only")
-_TOP_LEVEL = ("model", "text", "device", "dtype", "seeds", "cells", "train", "variants", "substitution")
+_TOP_LEVEL = ("model", "text", "device", "dtype", "batches_per_pass", "seeds", "cells", "train", "variants",
+              "substitution")
 _VARIANT_FIELDS = ("name", "architecture", "rank", "d_sae", "k", "options")
 _SUBSTITUTION_DEFAULTS = dict(passages=200, passage_len=512, max_firings_per_feature=300, max_firings=None,
                               seed=2026, metrics_passages=16)
@@ -98,6 +100,7 @@ class SweepConfig:
     text: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    batches_per_pass: int = 1  # model batches run together in one pass (stream.train_cells)
 
     def cells(self, recurrent_layers: list[int], n_heads: int) -> list[tuple[int, int]]:
         """The (layer, head) cells, given the model's recurrent layers and head count ("all" resolved)."""
@@ -112,12 +115,14 @@ class SweepConfig:
                 for variant in self.variants for seed in self.seeds]
 
     def fingerprint(self) -> str:
-        """What makes two sweeps the same sweep (everything but the device): a folder holds the runs of one."""
-        content = {k: v for k, v in self.to_dict().items() if k != "device"}
+        """What makes two sweeps the same sweep (everything but how it runs: device, batches per pass): a folder
+        holds the runs of one."""
+        content = {k: v for k, v in self.to_dict().items() if k not in ("device", "batches_per_pass")}
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         return {"model": self.model, "text": self.text, "device": self.device, "dtype": self.dtype,
+                "batches_per_pass": self.batches_per_pass,
                 "seeds": self.seeds, "layers": self.layers, "heads": self.heads,
                 "cell_list": [list(c) for c in self.cell_list] if self.cell_list is not None else None,
                 "train": self.train, "substitution": self.substitution,
@@ -203,7 +208,10 @@ def parse_config(raw: dict, where: str = "the sweep config") -> SweepConfig:
     for name in ("text", "device", "dtype"):
         if name in raw and not isinstance(raw[name], str):
             fail(f"{name!r} must be a string, got {raw[name]!r}")
-    config = SweepConfig(model=raw["model"], seeds=list(seeds), variants=variants, train=train,
+    batches_per_pass = raw.get("batches_per_pass", 1)
+    if not _is_int(batches_per_pass) or batches_per_pass < 1:
+        fail(f"batches_per_pass must be a positive integer, got {batches_per_pass!r}")
+    config = SweepConfig(model=raw["model"], batches_per_pass=batches_per_pass, seeds=list(seeds), variants=variants, train=train,
                          substitution=substitution, layers=layers, heads=heads, cell_list=cell_list,
                          text=raw.get("text"), device=raw.get("device", "cpu"), dtype=raw.get("dtype", "float32"))
     if config.dtype not in ("float32", "bfloat16"):

@@ -25,7 +25,9 @@ def run_row(run, metrics: dict, summary, n_dead: int | None, note: str = "") -> 
     (NaN when the test found no firings; ``note`` says why)."""
     variant = run.variant
     row = dict(run=run.name, layer=run.layer, head=run.head, variant=variant.name, architecture=variant.architecture,
-               rank=variant.rank, d_sae=variant.d_sae, k=variant.k, seed=run.seed,
+               rank=variant.rank, d_sae=variant.d_sae,
+               k=variant.k if variant.architecture != "jumprelu" else math.nan,  # JumpReLU has no k
+               seed=run.seed,
                mse=metrics.get("mse", math.nan), explained_variance=metrics.get("explained_variance", math.nan),
                l0=metrics.get("l0", math.nan),
                dead_latents=n_dead if n_dead is not None else math.nan,

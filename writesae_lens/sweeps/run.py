@@ -48,6 +48,9 @@ def _run(config: SweepConfig, folder: SweepFolder, ranks: Ranks, device: str, pr
                                        config.substitution["passage_len"]).to(device)
     if ranks.is_main:
         folder.start(config)
+        for run in runs:  # killed between publishing a finished run and removing its trained copy
+            if folder.is_finished(run.name) and folder.is_trained(run.name):
+                folder.retire_trained(run.name)
     ranks.barrier()
 
     pending = [run for run in runs if not folder.is_finished(run.name) and not folder.is_trained(run.name)]
@@ -120,7 +123,7 @@ def train_runs(model, documents, config: SweepConfig, runs: list, folder: SweepF
         prepared = [prepare_cell(run.name, pipeline.train_state_sae, model, documents, train_settings(config, run),
                                  staging / run.name, device, replace_sae=factories[run.variant.name])
                     for run in runs]
-        train_cells(prepared, progress=progress)
+        train_cells(prepared, progress=progress, batches_per_pass=config.batches_per_pass)
         for run in runs:
             folder.publish(staging / run.name, folder.trained / run.name)
     finally:
@@ -147,7 +150,7 @@ def evaluate_run(model, config: SweepConfig, run, passages, folder: SweepFolder,
                 model, sae, run.layer, run.head, passages, staged / "substitution", seed=settings["seed"],
                 max_firings_per_feature=settings["max_firings_per_feature"], max_firings=settings["max_firings"])
         except ValueError as error:
-            if "no firings" not in str(error) and "empty" not in str(error):
+            if "no firings" not in str(error):
                 raise
             note = f"substitution test: {error}"
         n_dead = getattr(sae.cfg.metadata, "num_dead_features", None)

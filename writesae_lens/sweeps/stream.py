@@ -139,7 +139,10 @@ class SharedStream:
     """One model forward per batch of contexts for every cell; each cell's activations store reads its head's
     states from its own queue instead of running the model."""
 
-    def __init__(self, cells: list[PreparedCell]):
+    def __init__(self, cells: list[PreparedCell], batches_per_pass: int = 1):
+        if not isinstance(batches_per_pass, int) or batches_per_pass < 1:
+            raise ValueError(f"batches_per_pass must be a positive integer, got {batches_per_pass!r}")
+        self.batches_per_pass = batches_per_pass
         if not cells:
             raise ValueError("a stream needs at least one cell")
         keys = {stream_key(cell) for cell in cells}
@@ -170,23 +173,37 @@ class SharedStream:
 
     @torch.no_grad()
     def _produce(self, raise_at_epoch_end: bool) -> None:
-        """The next batch of contexts through the model, once; every cell's rows appended to its queue."""
+        """The next ``batches_per_pass`` batches of contexts (SAELens' store batches) through the model in one pass;
+        every cell's rows appended to its queue, batch by batch, as if each batch had had its own pass."""
         source = self.source
-        try:
-            tokens = source.get_batch_tokens(raise_at_epoch_end=raise_at_epoch_end)
-        except StopIteration:
+        batches, epoch_ended = [], False
+        for _ in range(self.batches_per_pass):
+            try:
+                batches.append(source.get_batch_tokens(raise_at_epoch_end=raise_at_epoch_end))
+            except StopIteration:
+                epoch_ended = True
+                break
+        if batches:
+            self._forward(batches)
+        if epoch_ended:
             for cell in self.cells:
                 cell.queue.append(_EPOCH_END)
-            return
-        device_type = tokens.device.type
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=source.autocast_lm):
+
+    def _forward(self, batches: list[torch.Tensor]) -> None:
+        source = self.source
+        tokens = torch.cat(batches)  # [sum of batch, context]
+        with torch.autocast(device_type=tokens.device.type, dtype=torch.bfloat16, enabled=source.autocast_lm):
             _, cache = source.model.run_with_cache(tokens, names_filter=list(self.hook_names),
                                                    stop_at_layer=self.stop_at_layer, prepend_bos=False,
                                                    **source.model_kwargs)
         self.n_forward_passes += 1
-        token_ids = tokens[:, slice(*source.seqpos_slice)].reshape(-1).to(source.device)  # [batch * pos']
-        for cell in self.cells:
-            cell.queue.append(head_rows(cache[cell.hook_name], cell.head, cell.store, token_ids))
+        start = 0
+        for batch in batches:
+            rows = slice(start, start + batch.shape[0])
+            start += batch.shape[0]
+            token_ids = batch[:, slice(*source.seqpos_slice)].reshape(-1).to(source.device)  # [batch * pos']
+            for cell in self.cells:
+                cell.queue.append(head_rows(cache[cell.hook_name][rows], cell.head, cell.store, token_ids))
         del cache
 
 
@@ -209,13 +226,18 @@ def _layer_of(hook_name: str) -> int:
     return int(parts[1])
 
 
-def train_cells(cells: list[PreparedCell], progress: bool = True) -> dict[str, object]:
+def train_cells(cells: list[PreparedCell], progress: bool = True, batches_per_pass: int = 1) -> dict[str, object]:
     """Train every prepared cell from one shared stream, in lockstep; each SAE is saved where its single-cell run
     would save it (the runner's ``output_path``). Returns {cell name: trained SAE}. The global random state is
-    left as it was."""
+    left as it was.
+
+    ``batches_per_pass``: batches of contexts (the single-cell path's model batches) run together in one model pass.
+    1 gives exactly the single-cell path's passes; more is faster when a batch is small (final-token states: one
+    context per batch) and gives the same states as far as the model's forward pass does not depend on the batch
+    size (bitwise on CPU for the shipped models; within float tolerance on GPUs)."""
     from sae_lens.training.sae_trainer import SAETrainer
 
-    stream = SharedStream(cells)
+    stream = SharedStream(cells, batches_per_pass)
     kept = RandomState.now(torch.device(cells[0].runner.cfg.device))
     try:
         for cell in cells:
