@@ -17,7 +17,7 @@ def test_07_splicing_saes(kernel_env):
     workdir, _ = kernel_env
     notebook, _ = execute(NOTEBOOK, workdir)
     text = text_output(notebook)
-    assert "HookedSAEQwen35" in text
+    assert "HookedQwen35 has add_sae: True" in text
     for hook in ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_output"):
         assert ".mixer.hook_state.head" in text and f".{hook} " in text, hook
     assert "left as it is in mode='read': True" in text

@@ -21,6 +21,7 @@ from transformer_lens.hook_points import HookPoint
 from writesae_lens.hooking.components import Embed, RMSNorm, Unembed
 from writesae_lens.hooking.loading import convert_state_dict
 from writesae_lens.hooking.root import HookedRecurrentLM
+from writesae_lens.splicing.mixin import HookedSAEMixin
 
 from .config import HookedMamba2Config, check_model_type
 from .layers import Mamba2Block
@@ -34,7 +35,7 @@ class _Unembed(Unembed):
         return F.linear(x.to(self.weight.dtype), self.weight)
 
 
-class HookedMamba2(HookedRecurrentLM):
+class HookedMamba2(HookedSAEMixin, HookedRecurrentLM):
     """Hooks: ``hook_embed``; per block ``blocks.{l}.hook_resid_pre|hook_mixer_out|hook_resid_post``,
     ``blocks.{l}.ln1.hook_scale|hook_normalized`` and the mixer's ``blocks.{l}.mixer.*`` (the write interface plus
     ``hook_skip``, ``hook_ssm_out``, ``hook_gate``); ``ln_final.hook_scale|hook_normalized``. See docs/hooks.md."""

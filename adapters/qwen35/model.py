@@ -16,13 +16,14 @@ from transformer_lens.hook_points import HookPoint
 from writesae_lens.hooking.components import Embed, RMSNorm, Unembed
 from writesae_lens.hooking.loading import convert_state_dict
 from writesae_lens.hooking.root import HookedRecurrentLM
+from writesae_lens.splicing.mixin import HookedSAEMixin
 
 from .config import HookedQwen35Config, text_config_of
 from .layers import Qwen35Block
 from .weights import IGNORED_PREFIXES, our_name
 
 
-class HookedQwen35(HookedRecurrentLM):
+class HookedQwen35(HookedSAEMixin, HookedRecurrentLM):
     """Hooks: ``hook_embed``; per block those of ``Qwen35Block`` plus ``blocks.{l}.ln1|ln2.hook_scale|hook_normalized``,
     ``blocks.{l}.mlp.hook_pre|hook_pre_linear|hook_post``, ``blocks.{l}.attn.*`` (attention layers) or
     ``blocks.{l}.mixer.*`` (recurrent layers); ``ln_final.hook_scale|hook_normalized``. See docs/hooks.md."""

@@ -31,6 +31,7 @@ from writesae_lens.hooking.loading import (
     try_load_tokenizer,
 )
 from writesae_lens.hooking.root import HookedRecurrentLM
+from writesae_lens.splicing.mixin import HookedSAEMixin
 from writesae_lens.ops.precision import upcast
 
 from .config import HookedRWKV7Config, check_model_type
@@ -50,7 +51,7 @@ class NormedEmbed(nn.Module):
         return self.ln0(F.embedding(tokens, self.W_E))
 
 
-class HookedRWKV7(HookedRecurrentLM):
+class HookedRWKV7(HookedSAEMixin, HookedRecurrentLM):
     """Hooks: ``hook_embed``; per block ``blocks.{l}.hook_resid_pre|hook_mixer_out|hook_resid_mid|hook_mlp_out|
     hook_resid_post``, ``blocks.{l}.ln1|ln2.hook_scale|hook_normalized``, ``blocks.{l}.mlp.hook_pre|hook_post`` and the
     mixer's ``blocks.{l}.mixer.*`` (the DPLR write interface plus ``hook_v_first`` (layer 0), ``hook_bonus``,

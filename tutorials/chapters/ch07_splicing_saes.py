@@ -32,18 +32,17 @@ import torch
 
 from writesae_lens import pipeline
 from writesae_lens.models import load_hooked_model
-from writesae_lens.splicing import with_sae_splicing
 ''')),
     md('''
 ## A model that takes SAEs, and one small WriteSAE
 
-`with_sae_splicing(model)` gives a loaded model the splicing methods (it returns the same object, its class now a
-subclass with `HookedSAEMixin`). The WriteSAE is trained with SAELens' runner as in notebook 05, on the head with the
+Every hooked family class has the splicing methods (`HookedSAEMixin` is among its bases), so a loaded model takes
+SAEs as it is. The WriteSAE is trained with SAELens' runner as in notebook 05, on the head with the
 longest memory; its metadata records where it belongs (`hook_name`, `hook_head_index`), which is what `add_sae` reads.
 '''),
     code('''
-model = with_sae_splicing(load_hooked_model("qwen35-tiny"))
-print(type(model).__name__)
+model = load_hooked_model("qwen35-tiny")
+print(type(model).__name__, "has add_sae:", hasattr(model, "add_sae"))
 train_docs, eval_docs = pipeline.split_documents(pipeline.load_texts(None))
 tokens = pipeline.token_passages(model, eval_docs, 4, 64)  # [4, 64]
 ''' + PICK_HEAD + '''
