@@ -21,7 +21,8 @@ Precision and the floor (issue #18): the native loss is the passage's unedited r
 rows (one computation: a condition that edits nothing gives exactly the native loss, in bf16 too). With
 ``precision="float32"`` (the default) the rows run the edited layer, every later layer, the final norm and the
 unembedding in float32 whatever the model's dtype (``tail_precision.comparison_model``; a float32 model is run as it
-is). Each passage's ``floor`` is |native row - native pass| in bits per token, where the native pass is the batch's
+is; RWKV-7 from layer 0, ``full_run_start``). The scan that finds the firings and the native writes runs in that
+precision too, so that ``delete`` removes exactly the write the float32 layer makes. Each passage's ``floor`` is |native row - native pass| in bits per token, where the native pass is the batch's
 native rows run once more in a call of their own (another batch shape, no hooks): two computations of the same loss
 that differ only in rounding. ``summarize_bits`` reports the largest and the passages whose deltas it does not
 resolve.
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 from ..interventions import add_to_state, gaussian_rank1
 from .firings import check_cell, head_states
 from .passages import as_passages
-from .tail_precision import as_tail_input, comparison_model
+from .tail_precision import as_tail_input, comparison_model, full_run, full_run_start
 
 BITS_CONDITIONS = ("delete", "random")
 
@@ -53,7 +54,8 @@ def passage_bits_per_token(model, sae, layer: int, head: int, tokens, atoms, *, 
     (condition minus native), and ``floor`` (|native row - native pass|, bits per token). Passages with no firing
     have zero deltas. ``precision``: ``"float32"`` (the layers from the edited one on in float32) or ``"model"``."""
     check_cell(model, sae, layer, head)
-    runner = comparison_model(model, layer, precision)  # what runs from the layer on
+    start_layer = full_run_start(model, layer)
+    runner = comparison_model(model, start_layer, precision)  # what runs from start_layer on
     dtype = next(runner.blocks[layer].parameters()).dtype
     tokens = as_passages(model, tokens)
     atoms = torch.as_tensor(list(atoms), dtype=torch.long)
@@ -62,7 +64,8 @@ def passage_bits_per_token(model, sae, layer: int, head: int, tokens, atoms, *, 
     rows = []
     for start in tqdm(range(0, tokens.shape[0], batch_size), desc="passage bits/token", disable=not progress):
         batch = tokens[start : start + batch_size]
-        states, factors = head_states(model, batch, layer, head)
+        with full_run(model, runner, start_layer):  # the writes as the rows' own layer computes them
+            states, factors = head_states(runner, batch, layer, head)
         codes = sae.encode(states.to(sae.device, sae.dtype))  # [b, p, d_sae]
         if len(atoms):
             fires = (codes[..., atoms.to(codes.device)] > 0).any(-1)  # [b, p]
