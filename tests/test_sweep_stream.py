@@ -89,3 +89,23 @@ def test_cells_that_cannot_share_a_stream_are_refused(model, documents, tmp_path
                      "cpu")
     with pytest.raises(ValueError, match="cannot share one activation stream"):
         train_cells([a, b], progress=False)
+
+
+@pytest.mark.parametrize("architecture, k", [("jumprelu", 32), ("batchtopk", 2.5)])
+def test_variant_architectures_train_in_the_stream_each_with_its_own_metadata(model, documents, tmp_path,
+                                                                               architecture, k):
+    from writesae_lens.sweeps.config import Variant
+    from writesae_lens.sweeps.run import variant_sae_factory
+
+    variant = Variant(name="v", architecture=architecture, rank=2, d_sae=16, k=k)
+    factory = variant_sae_factory(variant, model.cfg, "cpu")
+    cells = {"l0h1": tiny(0, 1, 5, training_tokens=128), "l2h3": tiny(2, 3, 5, training_tokens=128)}
+    prepared = [prepare_cell(name, pipeline.train_state_sae, model, documents, s, tmp_path / name, "cpu",
+                             replace_sae=factory) for name, s in cells.items()]
+    train_cells(prepared, progress=False)
+    for name, settings in cells.items():
+        loaded = SAE.load_from_disk(tmp_path / name)
+        assert loaded.cfg.architecture() == "write_jumprelu"  # BatchTopK is saved as JumpReLU, as in SAELens
+        assert loaded.cfg.rank == 2
+        assert loaded.cfg.metadata.hook_name == f"blocks.{settings.layer}.mixer.hook_state"
+        assert loaded.cfg.metadata.hook_head_index == settings.head
