@@ -210,3 +210,12 @@ def test_jumprelu_training_sae_saves_an_inference_sae_with_the_same_outputs(rank
     x = states(8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), sae(x))
+
+
+@pytest.mark.parametrize("config_class", [ws.WriteTopKSAEConfig, ws.WriteTopKTrainingSAEConfig,
+                                          ws.WriteBatchTopKTrainingSAEConfig])
+def test_rescale_acts_by_decoder_norm_is_not_offered(config_class):
+    """In place of SAELens' rescale_acts_by_decoder_norm tests: the option does not exist for factored decoders
+    (atoms are kept at unit-norm factors), so asking for it is an error rather than silently ignored."""
+    with pytest.raises(TypeError, match="rescale_acts_by_decoder_norm"):
+        config_class(**shape_kwargs(1, "bilinear"), k=K, rescale_acts_by_decoder_norm=True)
