@@ -159,6 +159,11 @@ def test_sweep_writes_the_table_heatmaps_and_resumes_cleanly(tmp_path, capsys, m
         assert table[column].notna().all(), column
     assert ((table["win_low"] <= table["win_rate"]) & (table["win_rate"] <= table["win_high"])).all()
     assert (out / "heatmaps" / "topk-r1.png").stat().st_size > 0
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (out / "results.csv", out / "sweep.json", out / "runs" / "L0-H1-topk-r1-s1",
+                 out / "runs" / "L0-H1-topk-r1-s1" / "row.json"):  # the user's modes, not the staging's private ones
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~mask, path
     first = {name: SAE.load_from_disk(out / "runs" / name / "sae").state_dict() for name in table["run"]}
     assert SAE.load_from_disk(out / "runs" / "L2-H3-topk-r1-s1" / "sae").cfg.metadata.hook_head_index == 3
 

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..outputs import remove_stale
+from ..outputs import apply_umask, current_umask, remove_stale
 from .config import SweepConfig, SweepConfigError
 
 SWEEP_FILE = "sweep.json"
@@ -82,6 +82,7 @@ class SweepFolder:
         destination.parent.mkdir(parents=True, exist_ok=True)
         if destination.exists():
             raise FileExistsError(f"{destination} already exists; two processes ran the same run")
+        apply_umask(staged)  # staging is private (0700); what is published gets the user's usual modes
         os.rename(staged, destination)
 
     def retire_trained(self, run_name: str) -> None:
@@ -95,6 +96,7 @@ def write_atomically(path: Path, text: str | bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(text.encode("utf-8") if isinstance(text, str) else text)
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's file is private
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
