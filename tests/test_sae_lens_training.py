@@ -203,3 +203,17 @@ def test_pipeline_prints_no_misleading_warnings_and_its_bar_ends_at_100_percent(
     bar = capfd.readouterr().err.replace("\r", "\n").strip().splitlines()
     last = [line for line in bar if "it/s" in line or "s/it" in line][-1]
     assert "100%" in last and "3328/3328" in last, last
+
+
+@pytest.mark.slow  # needs wandb (not a dependency of this package); checked by hand with wandb 0.31.0
+def test_runner_with_wandb_offline_logging_and_evals(model, documents, tmp_path, monkeypatch):
+    """The runner with logging on: its periodic evals (CE / KL splice included) run on a hook_state SAE."""
+    pytest.importorskip("wandb", reason="wandb is not installed; the runner's logging path needs it")
+    from sae_lens import LoggingConfig
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    torch.set_num_threads(1)
+    _, sae = run_short(model, documents, tmp_path / "sae", n_eval_batches=1, eval_batch_size_prompts=2,
+                       logger=LoggingConfig(log_to_wandb=True, wandb_log_frequency=2, eval_every_n_wandb_logs=2))
+    assert (tmp_path / "sae" / "cfg.json").exists() and isinstance(sae, ws.WriteTopKTrainingSAE)
