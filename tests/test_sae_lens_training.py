@@ -111,7 +111,8 @@ def short_run(model, documents, tmp_path_factory):
 
 
 def test_sae_lens_ce_and_kl_evals_splice_one_head_of_the_state(model, documents, short_run):
-    """run_evals with CE / KL on a hook_state SAE: SAELens' metrics equal the head-aware splice of evaluate_state_sae."""
+    """run_evals with CE / KL on a hook_state SAE: SAELens' metrics equal the head-aware splice of
+    evaluate_state_sae."""
     from sae_lens.evals import get_recons_loss
 
     _, _, output = short_run

@@ -112,7 +112,8 @@ def test_batchtopk_training_step_moves_the_threshold_and_saves_it_as_jumprelu(ra
     assert "topk_threshold" in out.metrics
     state = {k: v.clone() for k, v in sae.state_dict().items()}
     sae.process_state_dict_for_saving_inference(state)
-    assert "topk_threshold" not in state and torch.equal(state["threshold"], torch.full((D_SAE,), sae.topk_threshold.item()))
+    assert "topk_threshold" not in state
+    assert torch.equal(state["threshold"], torch.full((D_SAE,), sae.topk_threshold.item()))
     sae.save_inference_model(tmp_path / "sae")
     loaded = SAE.load_from_disk(tmp_path / "sae")
     assert isinstance(loaded, ws.WriteJumpReLUSAE)
@@ -172,7 +173,8 @@ def test_jumprelu_tanh_scale_increases_the_l0_loss():
     x = states(12)
     losses = []
     for scale in (1.0, 8.0):
-        sae = training_sae(("write_jumprelu", 2, "dense"), jumprelu_sparsity_loss_mode="tanh", jumprelu_tanh_scale=scale)
+        sae = training_sae(("write_jumprelu", 2, "dense"), jumprelu_sparsity_loss_mode="tanh",
+                           jumprelu_tanh_scale=scale)
         losses.append(float(sae.training_forward_pass(step_input(x, l0=1.0)).losses["l0_loss"]))
     assert losses[1] > losses[0]
 

@@ -123,4 +123,4 @@ def test_training_forward_pass_output_looks_reasonable(variant):
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     torch.testing.assert_close(out.losses["mse_loss"], (out.sae_out - x).pow(2).sum(-1).mean())
     out.loss.backward()
-    assert all(p.grad is not None for name, p in sae.named_parameters() if name != "b_dec" or sae.cfg.apply_b_dec_to_input)
+    assert all(p.grad is not None for p in sae.parameters())
