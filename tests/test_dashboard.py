@@ -135,7 +135,8 @@ def test_rank_two_alignment_is_the_fraction_in_the_span():
     g = torch.Generator().manual_seed(0)
     factors, vectors = torch.randn(2, 6, generator=g), torch.randn(9, 6, generator=g)
     basis, _ = np.linalg.qr(factors.double().numpy().T)
-    expected = np.linalg.norm(vectors.double().numpy() @ basis, axis=1) / np.linalg.norm(vectors.double().numpy(), axis=1)
+    v = vectors.double().numpy()
+    expected = np.linalg.norm(v @ basis, axis=1) / np.linalg.norm(v, axis=1)
     np.testing.assert_allclose(dstats.factor_alignment(factors, vectors).numpy(), expected, rtol=1e-10)
     in_span = factors[0] * 2 - factors[1]
     assert dstats.factor_alignment(factors, in_span[None]).item() == pytest.approx(1.0)

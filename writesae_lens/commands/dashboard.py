@@ -51,14 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out passages scanned (default: %(default)s)")
     parser.add_argument("--passage-len", type=positive_int, default=128,
                         help="tokens per passage (default: %(default)s)")
-    parser.add_argument("--contexts", type=positive_int, default=10, help="top contexts per atom (default: %(default)s)")
+    parser.add_argument("--contexts", type=positive_int, default=10,
+                        help="top contexts per atom (default: %(default)s)")
     parser.add_argument("--window", type=non_negative_int, nargs=2, default=[12, 4], metavar=("LEFT", "RIGHT"),
                         help="tokens shown before and after each top firing (default: 12 4)")
     parser.add_argument("--tokens", type=positive_int, default=10,
                         help="tokens per aligned-token and logit list (default: %(default)s)")
     parser.add_argument("--min-token-count", type=int_at_least(1), default=3,
-                        help="occurrences a token needs in the scan to enter the key / value lists (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="passages per forward pass (default: %(default)s)")
+                        help="occurrences a token needs in the scan to enter the key / value lists "
+                        "(default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="passages per forward pass (default: %(default)s)")
     output_arguments(parser)
 
 
@@ -74,7 +77,8 @@ def run(args) -> int:
     if args.partition is not None:
         table = args.partition / "atoms.csv" if args.partition.is_dir() else args.partition
         if not table.is_file():
-            raise FileNotFoundError(f"--partition {args.partition} holds no atoms.csv (an output of `writesae partition`)")
+            raise FileNotFoundError(f"--partition {args.partition} holds no atoms.csv "
+                                    "(an output of `writesae partition`)")
         partition = pd.read_csv(table)
     if args.records is not None and not args.records.is_file():
         raise FileNotFoundError(f"--records {args.records} does not exist")
