@@ -101,7 +101,8 @@ def main() -> None:
         root = Path(tmp)
         start = time.perf_counter()
         for layer, head in cells:
-            pipeline.train_state_sae(model, documents, settings_for(args, layer, head), root / "alone" / f"{layer}-{head}")
+            pipeline.train_state_sae(model, documents, settings_for(args, layer, head),
+                                     root / "alone" / f"{layer}-{head}")
         separate = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -118,7 +119,8 @@ def main() -> None:
             b = SAE.load_from_disk(root / "stream" / f"{layer}-{head}").state_dict()
             worst = max([worst] + [float((a[n] - b[n]).abs().max()) for n in a])
     print(f"separate single-cell runs: {separate:8.2f} s")
-    print(f"one stream ({args.batches_per_pass} batch(es) per pass): {stream:8.2f} s (of which preparing the {len(cells)} runners {prepare:.2f} s)")
+    print(f"one stream ({args.batches_per_pass} batch(es) per pass): {stream:8.2f} s "
+          f"(of which preparing the {len(cells)} runners {prepare:.2f} s)")
     print(f"ratio separate / stream:   {separate / stream:8.2f}x")
     print(f"largest weight difference between the two: {worst:.3g}")
 

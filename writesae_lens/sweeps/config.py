@@ -211,8 +211,8 @@ def parse_config(raw: dict, where: str = "the sweep config") -> SweepConfig:
     batches_per_pass = raw.get("batches_per_pass", 1)
     if not _is_int(batches_per_pass) or batches_per_pass < 1:
         fail(f"batches_per_pass must be a positive integer, got {batches_per_pass!r}")
-    config = SweepConfig(model=raw["model"], batches_per_pass=batches_per_pass, seeds=list(seeds), variants=variants, train=train,
-                         substitution=substitution, layers=layers, heads=heads, cell_list=cell_list,
+    config = SweepConfig(model=raw["model"], batches_per_pass=batches_per_pass, seeds=list(seeds), variants=variants,
+                         train=train, substitution=substitution, layers=layers, heads=heads, cell_list=cell_list,
                          text=raw.get("text"), device=raw.get("device", "cpu"), dtype=raw.get("dtype", "float32"))
     if config.dtype not in ("float32", "bfloat16"):
         fail(f"dtype must be \"float32\" or \"bfloat16\", got {config.dtype!r}")

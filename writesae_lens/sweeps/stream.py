@@ -237,7 +237,7 @@ def train_cells(cells: list[PreparedCell], progress: bool = True, batches_per_pa
     size (bitwise on CPU for the shipped models; within float tolerance on GPUs)."""
     from sae_lens.training.sae_trainer import SAETrainer
 
-    stream = SharedStream(cells, batches_per_pass)
+    SharedStream(cells, batches_per_pass)  # each cell's store now reads from the shared stream
     kept = RandomState.now(torch.device(cells[0].runner.cfg.device))
     try:
         for cell in cells:
