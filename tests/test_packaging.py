@@ -30,6 +30,7 @@ def test_regular_install_layout(tmp_path):
     assert "writesae_lens/adapters/__init__.py" in names
     assert "writesae_lens/adapters/qwen35/model.py" in names
     assert not any(n.startswith("adapters/") for n in names), "a top-level `adapters` package would shadow PyPI's"
+    _check_plugin_line(zipfile.ZipFile(wheel))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target),
                     str(wheel)], check=True, capture_output=True)
@@ -48,12 +49,34 @@ def test_editable_install_layout(tmp_path, mode):
     name = subprocess.run([sys.executable, "-c", build, str(wheel_dir), mode], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.split()[-1]
     zipfile.ZipFile(wheel_dir / name).extractall(site)
+    _check_plugin_line(zipfile.ZipFile(wheel_dir / name))
     out = _locate(tmp_path, site)
     if mode == "lenient":
         assert out[0] == str(ROOT / "adapters" / "qwen35" / "__init__.py")
     else:  # strict mode links the files into a build folder that mirrors the installed layout
         assert out[0].endswith("writesae_lens/adapters/qwen35/__init__.py")
     assert out[1] == "None"
+
+
+def _check_plugin_line(wheel: zipfile.ZipFile) -> None:
+    """The wheel installs the .pth that lets SAELens find the WriteSAE architectures (writesae_lens_plugin.py)
+    at the root of site-packages."""
+    from writesae_lens_plugin import PTH_LINE
+
+    assert wheel.read("writesae_lens_sae_lens.pth").decode() == PTH_LINE
+
+
+def test_this_environment_has_the_plugin_line():
+    """The environment the suite runs in was installed with the .pth (as README's install does)."""
+    import writesae_lens
+    from writesae_lens_plugin import PTH_LINE
+
+    import site
+
+    candidates = [Path(d) / "writesae_lens_sae_lens.pth" for d in (*site.getsitepackages(), site.getusersitepackages())]
+    found = [c for c in candidates if c.exists()]
+    assert found, f"no writesae_lens_sae_lens.pth in {[str(c.parent) for c in candidates]} ({writesae_lens.__file__})"
+    assert found[0].read_text() == PTH_LINE
 
 
 def _locate(cwd: Path, site_dir: Path) -> list[str]:

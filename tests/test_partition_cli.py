@@ -53,6 +53,7 @@ def test_partition_command(saved, tmp_path, capsys):
     assert summary["partition"]["register"] == int((atoms["class"] == "register").sum())
     if summary["partition"]["register"]:
         assert len(pd.read_csv(out / "passage_bits.csv")) == 2
+        assert "numerical floor" in (out / "summary.txt").read_text()
     assert "Register / bundle partition" in capsys.readouterr().out
 
 

@@ -1,6 +1,6 @@
 """SAE.load_from_disk of a WriteSAE in a fresh process that never imports writesae_lens.saes (issue #14, part 4).
 
-SAELens has no plugin mechanism; `writesae_lens.sae_lens_plugin` is run from a .pth file at interpreter start. The
+SAELens has no plugin mechanism; `writesae_lens_plugin` is run from a .pth file at interpreter start. The
 test installs that .pth in a temporary site directory (what the package's install does) and loads in a subprocess.
 """
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sae_test_data import low_rank_states, make_inference_sae
-from writesae_lens.sae_lens_plugin import PTH_LINE, LazyWriteRegistry
+from writesae_lens_plugin import PTH_LINE, LazyWriteRegistry
 
 LOAD = """
 import sys{prelude}

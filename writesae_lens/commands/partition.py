@@ -114,6 +114,9 @@ def save_partition(result, out: Path, model, sae, args, passages, records) -> st
                   f"native {b['bits_native']:.4f} bits/token): delete {b['delta_delete']:+.5f}, random rank-1 "
                   f"{b['delta_random']:+.5f} ({b['random_over_delete']:.3g}x; random worse in {b['random_worse']}/"
                   f"{b['passages']})"]
+        if "floor" in b:
+            lines.append(f"  numerical floor {b['floor']:.2g} bits/token (native rows of two computations); "
+                         f"{b['below_floor']} passage(s) with edits at or below it")
     text = "\n".join(lines)
     (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
     settings = {k: str(v) for k, v in vars(args).items() if k != "command"}

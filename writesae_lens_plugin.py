@@ -8,9 +8,11 @@ they do not hold yet, import `writesae_lens.saes` (which registers every WriteSA
 
 It is meant to run at interpreter start from a `.pth` file in site-packages holding the one line
 
-    import writesae_lens.sae_lens_plugin; writesae_lens.sae_lens_plugin.install()
+    import writesae_lens_plugin; writesae_lens_plugin.install()
 
-Importing this module imports neither torch nor SAELens.
+Importing this module imports neither torch nor SAELens nor `writesae_lens`: it is a top-level module of its own
+because a package imported at interpreter start could no longer be instrumented by import hooks installed later
+(jaxtyping's type checking in the tests, for one).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 WRITE_ARCHITECTURES = frozenset({"write_topk", "write_batchtopk", "write_jumprelu"})
 _REGISTRY_MODULE = "sae_lens.registry"
 _REGISTRY_NAMES = ("SAE_CLASS_REGISTRY", "SAE_TRAINING_CLASS_REGISTRY")
-PTH_LINE = "import writesae_lens.sae_lens_plugin; writesae_lens.sae_lens_plugin.install()\n"
+PTH_LINE = "import writesae_lens_plugin; writesae_lens_plugin.install()\n"
 
 
 class LazyWriteRegistry(dict):
