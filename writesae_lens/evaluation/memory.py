@@ -246,7 +246,9 @@ def _logit_effects(model, tokens: Tensor, layer: int, settings: MemorySettings, 
                     captured[name] = x
                 return hook
 
-            def replace(x: Tensor, hook) -> Tensor:  # [rows, pos, head, d_k * d_v]
+            def replace(x: Tensor, hook) -> Tensor:  # hook_read [rows, pos, head, d_v]: S_t^T q_t
+                # the read of the state S_t replaced by 0 or by the current write: only the reads change, so the
+                # edit is made on hook_read (no state is built): (beta k v^T)^T q = beta (k . q) v
                 x = x.clone()
                 r = torch.arange(len(chunk), device=x.device)
                 heads = heads_cpu.to(x.device)
@@ -256,12 +258,13 @@ def _logit_effects(model, tokens: Tensor, layer: int, settings: MemorySettings, 
                     k = captured["hook_write_k"][r, :, heads]  # [rows, pos, d_k]
                     v = captured["hook_write_v"][r, :, heads]  # [rows, pos, d_v]
                     beta = captured["hook_write_beta"][r, :, heads]  # [rows, pos]
-                    x[r, :, heads] = (beta[..., None, None] * k[..., :, None] * v[..., None, :]).flatten(-2).to(x.dtype)
+                    q = captured["hook_read_q"][r, :, heads]  # [rows, pos, d_k]
+                    x[r, :, heads] = ((beta * (k * q).sum(-1))[..., None] * v).to(x.dtype)
                 return x
 
-            names = ("hook_write_k", "hook_write_v", "hook_write_beta")
+            names = ("hook_write_k", "hook_write_v", "hook_write_beta", "hook_read_q")
             hooks = [(_hook(layer, name), capture(name)) for name in names]
-            hooks.append((_hook(layer, "hook_state"), replace))
+            hooks.append((_hook(layer, "hook_read"), replace))
             logits = model.run_with_hooks(tokens[b_idx], fwd_hooks=hooks)
             kl = mean_kl(base_logits[b_idx, p0:], logits[:, p0:].cpu())  # [rows]
             effects[mode].index_add_(0, heads_cpu, kl)
