@@ -28,8 +28,9 @@ from .commands.common import model_arguments as _model_arguments
 from .commands.common import output_arguments as _output_arguments
 from .commands.common import torch_dtype as _dtype
 
-# The demo's cell and sizes: small enough for a few minutes on a 2-core CPU.
-DEMO = dict(model="qwen35-tiny", layer=1, head=0, d_sae=256, k=16, context_size=128, training_tokens=128 * 16 * 250,
+# The demo's sizes: small enough for a few minutes on a 2-core CPU. Its cell (layer, head) is chosen by the memory
+# report (evaluation.memory.choose_demo_cell) on `memory_passages` held-out passages of `memory_len` tokens.
+DEMO = dict(model="qwen35-tiny", memory_passages=8, memory_len=256, d_sae=256, k=16, context_size=128, training_tokens=128 * 16 * 250,
             batch_tokens=128 * 16, lr=2e-3, warmup_steps=20, passages=48, passage_len=128,
             max_firings_per_feature=40, max_firings=1500)
 
@@ -167,26 +168,30 @@ def run_demo(args) -> int:
 
 def _demo(args, out: Path) -> tuple[str, float]:
     from . import pipeline
+    from .evaluation.memory import choose_demo_cell, memory_report
     from .models import load_hooked_model
 
     start = time.perf_counter()
     print(f"[1/3] loading the embedded model {DEMO['model']!r} and its held-out text")
     model = load_hooked_model(DEMO["model"], device=args.device)
     train_docs, eval_docs = pipeline.split_documents(pipeline.load_texts(None))
+    passages = pipeline.token_passages(model, eval_docs, DEMO["passages"], DEMO["passage_len"]).to(args.device)
+    long_passages = pipeline.token_passages(model, eval_docs, DEMO["memory_passages"], DEMO["memory_len"])
+    layer, head, reason = choose_demo_cell(report=memory_report(model, long_passages.to(args.device), progress=False))
+    print(f"      the cell, from the memory report: {reason}")
     settings = pipeline.TrainSettings(
-        layer=DEMO["layer"], head=DEMO["head"], d_sae=DEMO["d_sae"], k=DEMO["k"], context_size=DEMO["context_size"],
+        layer=layer, head=head, d_sae=DEMO["d_sae"], k=DEMO["k"], context_size=DEMO["context_size"],
         training_tokens=DEMO["training_tokens"], batch_tokens=DEMO["batch_tokens"], lr=DEMO["lr"],
         warmup_steps=DEMO["warmup_steps"],
     )
     print(f"[2/3] training a WriteSAE (d_sae {settings.d_sae}, k {settings.k}) with SAELens on "
           f"blocks.{settings.layer}.mixer.hook_state, head {settings.head}")
     sae = pipeline.train_state_sae(model, train_docs, settings, out / "sae", device=args.device)
-    passages = pipeline.token_passages(model, eval_docs, DEMO["passages"], DEMO["passage_len"]).to(args.device)
     print(f"[3/3] substitution test on {passages.shape[0]} held-out passages of {passages.shape[1]} tokens")
     _, _, text = pipeline.run_substitution(model, sae, settings.layer, settings.head, passages, out,
                                            seed=args.seed, max_firings_per_feature=DEMO["max_firings_per_feature"],
                                            max_firings=DEMO["max_firings"])
-    pipeline.save_settings(out, demo=DEMO, train=settings, seed=args.seed)
+    pipeline.save_settings(out, demo=DEMO, train=settings, seed=args.seed, cell_reason=reason)
     return text, time.perf_counter() - start
 
 
