@@ -37,8 +37,10 @@ from writesae_lens.models import load_hooked_model  # noqa: E402
 def demo_sae(model, folder: Path):
     from writesae_lens.cli import DEMO
 
+    CELL = (1, 0)  # the cell the figures in the docs were measured on (the demo's before it chose its cell by memory)
+
     train_docs, _ = pipeline.split_documents(pipeline.load_texts(None))
-    settings = pipeline.TrainSettings(layer=DEMO["layer"], head=DEMO["head"], d_sae=DEMO["d_sae"], k=DEMO["k"],
+    settings = pipeline.TrainSettings(layer=CELL[0], head=CELL[1], d_sae=DEMO["d_sae"], k=DEMO["k"],
                                       context_size=DEMO["context_size"], training_tokens=DEMO["training_tokens"],
                                       batch_tokens=DEMO["batch_tokens"], lr=DEMO["lr"],
                                       warmup_steps=DEMO["warmup_steps"])
