@@ -219,3 +219,20 @@ def test_partition_compare_command(tmp_path, capsys):
         assert main(["partition-compare", *args, "--out", str(bad)]) == 2
         assert message in capsys.readouterr().err
         assert not bad.exists()
+
+
+def test_read_partition_keeps_the_null_class(tmp_path):
+    """A dead atom's class is the string "null", which pandas would read as NaN (and count the atom as alive)."""
+    from writesae_lens.commands.partition_compare import _alive_mask, read_partition
+
+    atoms = pd.DataFrame({"atom": [0, 1, 2], "n_firings": [3, 0, 5], "median_cos": [0.2, np.nan, 0.01],
+                          "class": ["register", "null", "bundle"]})
+    atoms.to_csv(tmp_path / "atoms.csv", index=False)
+    pd.DataFrame({"atom": [0, 2], "cos_beta": [0.2, 0.01]}).to_csv(tmp_path / "firings.csv", index=False)
+    (tmp_path / "summary.json").write_text("{}")
+    run = read_partition(tmp_path)
+    assert run["atoms"]["class"].tolist() == ["register", "null", "bundle"]
+    assert np.isnan(run["atoms"]["median_cos"][1])
+    assert _alive_mask(run["atoms"]).tolist() == [True, False, True]
+    counts, _ = class_count_stability({"a": run["atoms"]})
+    assert counts.loc[0, "null"] == 1

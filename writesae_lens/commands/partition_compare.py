@@ -67,7 +67,9 @@ def read_partition(folder: Path) -> dict:
     if missing:
         raise FileNotFoundError(f"{folder} is not a `writesae partition` output folder (missing {', '.join(missing)})")
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    return {"firings": pd.read_csv(folder / "firings.csv"), "atoms": pd.read_csv(folder / "atoms.csv"),
+    # the class "null" (a dead atom) must stay a string: pandas reads "null" as NaN by default
+    atoms = pd.read_csv(folder / "atoms.csv", keep_default_na=False, na_values=[""])
+    return {"firings": pd.read_csv(folder / "firings.csv"), "atoms": atoms,
             "settings": summary.get("settings", {}), "partition": summary.get("partition", {})}
 
 
