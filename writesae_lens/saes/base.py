@@ -17,7 +17,6 @@ A write into a materialised `W_dec` / `W_enc` could not reach the factors: it is
 SAE's next use and raises `MaterialisedWriteError` (see `materialised.py`).
 """
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -284,15 +283,9 @@ def _saving_a_trainer_checkpoint() -> bool:
     """
     from sae_lens.training.sae_trainer import SAETrainer
 
-    code = SAETrainer.save_checkpoint.__code__
-    frame = sys._getframe(1)
-    for _ in range(8):
-        frame = frame.f_back
-        if frame is None:
-            return False
-        if frame.f_code is code:
-            return True
-    return False
+    from writesae_lens.saes.call_stack import running_frame
+
+    return running_frame(SAETrainer.save_checkpoint.__code__, 8) is not None
 
 
 def _save_atomically(save_into: Any, path: str | Path, overwrite: bool) -> tuple[Path, Path]:

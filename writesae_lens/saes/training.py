@@ -10,7 +10,6 @@ own JumpReLU SAE projects its threshold), on `.data` and outside the autograd gr
 * optionally, dead latents are re-seeded from the batch (`resample_dead_every`).
 """
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +27,10 @@ def runner_of_this_training() -> Any:
     """The SAELens `LanguageModelSAETrainingRunner` whose `run()` is on the call stack, if any."""
     from sae_lens import LanguageModelSAETrainingRunner
 
-    code = LanguageModelSAETrainingRunner.run.__code__
-    frame = sys._getframe(1)
-    for _ in range(40):
-        frame = frame.f_back
-        if frame is None:
-            return None
-        if frame.f_code is code:
-            return frame.f_locals.get("self")
-    return None
+    from writesae_lens.saes.call_stack import running_frame
+
+    frame = running_frame(LanguageModelSAETrainingRunner.run.__code__, 40)
+    return None if frame is None else frame.f_locals.get("self")
 
 
 def check_runner_output_free(runner: Any) -> None:
