@@ -3,6 +3,7 @@ each prompt and condition sampled alone with its seed; the selection and the sta
 (scipy for the tests)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import stats as sps
@@ -63,6 +64,25 @@ def test_rows_equal_each_prompt_and_condition_sampled_alone(setup):
         record = result.records[(result.records.prompt == p) & (result.records.condition == name)].iloc[0]
         assert model.tokenizer.decode(alone.tokens[0].tolist(), skip_special_tokens=True) == record.text
         assert {m: record[m] for m in METRICS} == text_metrics(record.text)
+
+
+def test_the_floor_is_the_baseline_sampled_twice(setup):
+    """The baseline's repeat (same prompt and seed, another row of the same call) is not a record; in float32 it gives
+    the same text, so the floor is 0 and the summary says so."""
+    from writesae_lens.generation.amplification import REPEAT, format_amplification_summary, sampling_floor
+
+    *_, prompts, _, _, result = setup
+    assert REPEAT not in set(result.records.condition)
+    assert result.floor["prompts"] == len(prompts) and result.floor["texts_differ"] == 0
+    assert all(result.floor[f"max_diff_{m}"] == 0 for m in METRICS)
+    assert "numerical floor" in format_amplification_summary(result.summary, result.floor)
+    # a repeat that differs is counted
+    base = result.records[result.records.condition == "baseline"].copy()
+    repeat = base.assign(condition=REPEAT)
+    repeat.loc[repeat.index[0], "text"] = "something else"
+    repeat.loc[repeat.index[0], "newlines"] = base["newlines"].iloc[0] + 3
+    floor = sampling_floor(pd.concat([base, repeat]))
+    assert floor["texts_differ"] == 1 and floor["max_diff_newlines"] == 3
 
 
 def test_selection_equals_the_direct_computation(setup):

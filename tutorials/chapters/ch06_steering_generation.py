@@ -145,7 +145,7 @@ period = model.to_tokens(".", prepend_bos=False)[0, 0].item()
 amp = amplification_probe(model, saes, LAYER, list(passages[8:16, :16]), passages, period,
                           AmplificationSettings(n_top=5, max_new_tokens=48, n_resamples=2000))
 print(amp.features.head(6).to_string(index=False))
-print(format_amplification_summary(amp.summary))
+print(format_amplification_summary(amp.summary, amp.floor))
 '''),
     md('''
 ## From the command line

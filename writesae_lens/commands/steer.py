@@ -120,7 +120,7 @@ def _amplify(args) -> int:
                                      temperature=float(args.temperature), seed=args.seed)
     result = amplification_probe(model, saes, args.layer, prompts, passages, boundary[0], settings,
                                  batch_size=args.batch_size, progress=True)
-    text = format_amplification_summary(result.summary)
+    text = format_amplification_summary(result.summary, result.floor)
     with staged_output(args.out, args.overwrite, inputs=[x for x in (*args.sae, args.text) if x]) as out:
         result.features.to_csv(out / "features.csv", index=False)
         result.records.to_csv(out / "records.csv", index=False)

@@ -55,6 +55,10 @@ class AmplificationResult:
     records: pd.DataFrame  # prompt, condition, text, and the METRICS
     summary: pd.DataFrame  # per condition and metric: mean, CI, and the paired comparison with the baseline
     conditions: list[str] = field(default_factory=list)
+    floor: dict = field(default_factory=dict)  # the baseline sampled twice (numerical_floor): see sampling_floor
+
+
+REPEAT = "baseline (repeat)"
 
 
 def boundary_mask(tokens: Tensor, boundary_token: int) -> Tensor:
@@ -153,6 +157,10 @@ def amplification_probe(model, saes: dict[int, object], layer: int, prompts: lis
             pushes += [Push(row, layer, head, matrix) for head, matrix in conditions[name].items()]
             seeds.append(int(np.random.SeedSequence([settings.seed, p, c]).generate_state(1)[0]))
             meta.append((p, name))
+        # the numerical floor: the baseline once more, same prompt and seed, in another row of the same call
+        rows.append(torch.as_tensor(prompt).long())
+        seeds.append(int(np.random.SeedSequence([settings.seed, p, 0]).generate_state(1)[0]))
+        meta.append((p, REPEAT))
     out = generate_rows(model, rows, max_new_tokens=settings.max_new_tokens, pushes=pushes, do_sample=True,
                         temperature=settings.temperature, seeds=seeds, batch_size=batch_size, progress=progress,
                         precision=precision, tail_from=layer)
@@ -161,7 +169,19 @@ def amplification_probe(model, saes: dict[int, object], layer: int, prompts: lis
         text = model.tokenizer.decode(out.tokens[r].tolist(), skip_special_tokens=True)
         records.append(dict(prompt=p, condition=name, text=text, **text_metrics(text)))
     records = pd.DataFrame(records)
-    return AmplificationResult(features, records, summarize_amplification(records, names, settings), names)
+    floor = sampling_floor(records)
+    records = records[records.condition != REPEAT].reset_index(drop=True)
+    return AmplificationResult(features, records, summarize_amplification(records, names, settings), names, floor)
+
+
+def sampling_floor(records: pd.DataFrame) -> dict:
+    """The baseline and its repeat (same prompt, same seed, another row of the same batched call) should give the
+    same text: how many prompts' texts differ, and the largest |difference| of each metric between the two (all 0
+    when the computation does not depend on the row; a difference would be the arithmetic's, not an edit's)."""
+    base = records[records.condition == "baseline"].set_index("prompt")
+    repeat = records[records.condition == REPEAT].set_index("prompt").reindex(base.index)
+    return {"prompts": int(len(base)), "texts_differ": int((base["text"] != repeat["text"]).sum()),
+            **{f"max_diff_{m}": float((base[m] - repeat[m]).abs().max()) for m in METRICS}}
 
 
 def summarize_amplification(records: pd.DataFrame, conditions: list[str],
@@ -186,8 +206,12 @@ def summarize_amplification(records: pd.DataFrame, conditions: list[str],
     return pd.DataFrame(rows)
 
 
-def format_amplification_summary(summary: pd.DataFrame) -> str:
+def format_amplification_summary(summary: pd.DataFrame, floor: dict | None = None) -> str:
     lines = ["Amplification probe: sampled continuations, paired by prompt against the baseline"]
+    if floor:
+        lines.append(f"  numerical floor: the baseline sampled twice (same seed, another row of the same call) gives "
+                     f"another text for {floor['texts_differ']} of {floor['prompts']} prompts; largest metric "
+                     "difference " + ", ".join(f"{m} {floor[f'max_diff_{m}']:.3g}" for m in METRICS))
     for metric, g in summary.groupby("metric", sort=False):
         lines.append(f"  {metric}")
         for _, r in g.iterrows():
