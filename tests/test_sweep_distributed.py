@@ -73,7 +73,6 @@ def sweep(command: list[str], config: Path, out: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.slow
 def test_torchrun_with_two_gloo_ranks_equals_one_process(tmp_path):
     import pandas as pd
     import torch
