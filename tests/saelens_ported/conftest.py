@@ -6,17 +6,14 @@ dense encoders. Shapes are tiny (d_k = 4, d_v = 6, non-square so a key/value swa
 """
 
 import pytest
-import torch
 
 from ported_saes import VARIANTS, variant_id
 
 
 @pytest.fixture(autouse=True)
-def _single_thread_torch():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread_torch(one_thread):
+    """Every test here on one torch thread (tests/conftest.py's ``one_thread``)."""
     yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(params=VARIANTS, ids=[variant_id(v) for v in VARIANTS])

@@ -2,12 +2,9 @@
 shared 2-core machine, make each tiny op hundreds of times slower."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _single_thread_torch():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread_torch(one_thread):
+    """Every test here on one torch thread (tests/conftest.py's ``one_thread``)."""
     yield
-    torch.set_num_threads(previous)
