@@ -36,12 +36,6 @@ from timing import paired_times, report_decoding, report_listener_cost  # noqa: 
 from writesae_lens.adapters.mamba2 import HookedMamba2  # noqa: E402
 
 
-
-
-
-
-
-
 REAL_130M_LAYERS, REAL_130M_VOCAB = 24, 50288
 SHAPES = {
     "tiny": dict(hidden_size=128, expand=2, num_heads=8, head_dim=32, n_groups=2, state_size=64, conv_kernel=4,

@@ -26,8 +26,6 @@ from timing import paired_times, report_decoding, report_listener_cost  # noqa: 
 from writesae_lens.adapters.qwen35 import HookedQwen35  # noqa: E402
 
 
-
-
 def tiny_models(layer_types, vocab=512):
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 

@@ -34,10 +34,6 @@ from writesae_lens.adapters.rwkv7.config import HookedRWKV7Config
 REAL_LAYERS, REAL_VOCAB = 12, 65536
 
 
-
-
-
-
 def build_model(layers: int, seed: int = 0) -> HookedRWKV7:
     """A random RWKV-7 of the 0.1B layer shape; every weight drawn (no path is zero)."""
     vocab = -(-REAL_VOCAB * layers // REAL_LAYERS // 8) * 8  # scaled with the depth, a multiple of 8

@@ -18,6 +18,7 @@ code the CPU bf16 tests run (tests/test_bf16_substitution.py).
 Also printed: the time of one plain forward pass over all passages. Any exact method has to run every passage with
 a firing through the model at least once (to find the firings and to reach the states they edit), so
 ``straightforward time / forward time`` bounds the ratio any such method can reach on that model and density.
+Memory is printed per measured row (``bench/memory.py``): peak resident set size on CPU, peak allocated on CUDA.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from memory import Peak, peak_memory  # noqa: E402  (bench/ is on sys.path when a script runs)
 from qwen35_factory import randomise  # noqa: E402
 from sae_checks import firing_sae  # noqa: E402
 
@@ -133,12 +136,18 @@ def main() -> None:
     replacement_test(model, sae, args.layer, args.head, tokens[:1], max_firings=4, progress=False)  # warm-up
     sync()
 
-    def timed(run):
-        """(seconds, result) of one run, the device synchronised."""
-        start = time.perf_counter()
-        result = run()
-        sync()
-        return time.perf_counter() - start, result
+    peaks: dict[str, Peak] = {}
+
+    def timed(run, name: str):
+        """(seconds, result) of one run, the device synchronised; its peak memory joins ``peaks[name]``."""
+        with peak_memory(args.device) as peak:
+            start = time.perf_counter()
+            result = run()
+            sync()
+            seconds = time.perf_counter() - start
+        if name not in peaks or peak.peak > peaks[name].peak:
+            peaks[name] = peak
+        return seconds, result
 
     def fast_run():
         return replacement_test(model, sae, args.layer, args.head, tokens, max_firings=args.firings,
@@ -146,21 +155,24 @@ def main() -> None:
 
     records = fast_run()
     n_firings = len(records.drop_duplicates(["passage", "position"]))
-    subset = records.drop_duplicates(["passage", "position"]).head(args.naive_firings)
+    distinct = records.drop_duplicates(["passage", "position"])
+    # evenly spread over the passages and positions (the straightforward protocol's cost grows with the position)
+    subset = distinct.iloc[np.unique(np.linspace(0, len(distinct) - 1, min(args.naive_firings, len(distinct))).round()
+                                     .astype(int))]
     # The two are timed alternately, --repeats times, and the ratio is the median of the per-repeat ratios: the
     # machines are shared, and load then hits both alike.
     pairs = []
     for _ in range(args.repeats):
-        fast_seconds, _ = timed(fast_run)
+        fast_seconds, _ = timed(fast_run, "fast")
         naive_seconds, naive = timed(lambda: straightforward_protocol(model, sae, args.layer, args.head, tokens,
-                                                                      subset))
+                                                                      subset), "naive")
         pairs.append((n_firings / fast_seconds, len(naive) / naive_seconds))
     fast = statistics.median(f for f, _ in pairs)
     slow = statistics.median(n for _, n in pairs)
     ratio = statistics.median(f / n for f, n in pairs)
 
     with torch.no_grad():
-        forward = statistics.median(timed(lambda: model(tokens))[0] for _ in range(args.repeats))
+        forward = statistics.median(timed(lambda: model(tokens), "forward")[0] for _ in range(args.repeats))
     bound = n_firings / slow / forward
 
     by_cell = {(r.passage, r.position): (r.kl_atom, r.kl_delete) for r in records.itertuples()}
@@ -171,7 +183,11 @@ def main() -> None:
     print(f"replacement_test: {fast:.1f} firings/s; straightforward protocol: {slow:.2f} firings/s -> "
           f"ratio {ratio:.1f}x (median of {args.repeats} paired runs; goal >= 20x on CPU)")
     print(f"one forward pass over the passages: {forward * 1e3:.0f} ms -> bound for an exact method that runs each "
-          f"passage once: {bound:.1f}x")
+          f"passage once: {bound:.1f}x; replacement_test reaches {ratio / bound:.0%} of it")
+    where = "peak allocated" if args.device.startswith("cuda") else "peak resident set"
+    print(f"memory ({where}; in parentheses what the step added to what the process held when it started): "
+          f"replacement_test {peaks['fast']}, straightforward protocol {peaks['naive']}, forward pass "
+          f"{peaks['forward']}")
     print(f"max |KL difference| between the two on {len(naive)} firings: {diff:.2e}")
 
 

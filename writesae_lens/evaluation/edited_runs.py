@@ -4,8 +4,9 @@ Per group of passages, one batched native pass from the edited layer (its input 
 layers never run again) keeps, per passage, cache snapshots at the positions its edited rows start from (states only
 there, from the chunked algebra). Then rows (firing x condition), from any number of passages, run together: each row
 starts from its own snapshot with its edit applied, runs only the positions up to where its KL is read, and shares
-its passage's attention keys instead of copying them. Only the final residual at each row's read position goes
-through the unembedding.
+its passage's attention keys instead of copying them; a firing's rows share their snapshot's matrix states too
+(``ops.shared_step``: a one-token row needs no state of its own). Only the final residual at each row's read
+position goes through the unembedding.
 
 The native reference (``reference="row"``, the default) is one more row per firing, with no edit, in the same batch as
 the firing's conditions: the reference and the conditions go through the same computation, so rounding that the row
@@ -219,8 +220,7 @@ class EditedRuns:
         n_rows = len(matrices)
 
         if self.timing == "after_read":  # a change of the cached state: no hook needed
-            # the rows' states were just gathered from the snapshots (a new tensor): edited in place
-            cache.layers[self.layer]["state"][:, self.head] += matrices.to(cache.layers[self.layer]["state"])
+            cache.add_to_state(self.layer, self.head, matrices)
             hooks = []
         else:  # part of the write at the row's first position
             cells = torch.tensor([[r, 0, self.head] for r in range(n_rows)])
@@ -302,7 +302,8 @@ def kl_both_directions(native_logp: Tensor, native_prob: Tensor, logits: Tensor)
 
 
 def _rows_cache(batch: list[_Rows]) -> RecurrentCache:
-    """One cache for the rows of a batch, in order: gathered once per native pass they come from."""
+    """One cache for the rows of a batch, in order: gathered once per native pass they come from. The rows of one
+    firing share its snapshot's states (``ops.shared_step``: a one-token row needs no state of its own)."""
     groups: list[list[_Rows]] = []
     for rows in batch:  # consecutive pieces of one native pass share its snapshot cache
         if groups and groups[-1][0].snapshots is rows.snapshots:
@@ -311,7 +312,7 @@ def _rows_cache(batch: list[_Rows]) -> RecurrentCache:
             groups.append([rows])
     return RecurrentCache.stack_rows([
         group[0].snapshots.rows_from_snapshots(torch.cat([r.snapshot_index for r in group]),
-                                               torch.cat([r.snapshot_row for r in group]))
+                                               torch.cat([r.snapshot_row for r in group]), shared_states=True)
         for group in groups
     ])
 

@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SHARED_KEYS = ("k", "v")  # with a "source" entry, these are [n_sources, ...]: rows index them through it
+# A recurrent layer of rows built with ``rows_from_snapshots(..., shared_states=True)`` keeps "state_shared"
+# [n_sources, head, d_k, d_v] and "state_source" [batch] instead of "state", and "state_edit" (head, [batch, d_k,
+# d_v]) for the rows' edits; after a one-token call it keeps "state_spent" (``MatrixWriteMixer.recur_with_cache``).
+SHARED_STATE_KEYS = ("state_shared", "state_source", "state_edit")
 
 
 @dataclass
@@ -80,17 +84,33 @@ class RecurrentCache:
         for layer in layers:
             self.layers[layer]["snapshot_at"] = positions
 
-    def rows_from_snapshots(self, which: Tensor, rows: Tensor | None = None) -> "RecurrentCache":
+    def rows_from_snapshots(self, which: Tensor, rows: Tensor | None = None,
+                            shared_states: bool = False) -> "RecurrentCache":
         """A batched cache whose row r is snapshot ``which[r]`` (an index into the requested positions) of batch row
         ``rows[r]`` (default: row 0): the state after that row's first ``positions[which[r]]`` tokens. Rows sit at
-        different positions (``positions`` per row) and read their batch row's attention keys in place."""
+        different positions (``positions`` per row) and read their batch row's attention keys in place.
+
+        ``shared_states``: rows of one snapshot share its matrix states instead of each getting a copy (only the
+        snapshots some row uses are kept). A one-token call then reads them without a state per row
+        (``ops.shared_step``) and keeps no final state, so such a cache serves one call; a longer call, or one with
+        hooks on a recurrent mixer, gives each row its state first (exact either way). ``add_to_state`` edits
+        them."""
         which = torch.as_tensor(which, dtype=torch.long)
         rows = torch.zeros_like(which) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         layers, lengths = [], None
         for layer in self.layers:
             if "snapshots" in layer:
                 snaps = layer["snapshots"]
-                layers.append({name: t[rows.to(t.device), which.to(t.device)] for name, t in snaps.items()})
+                shared = shared_states and "state" in snaps
+                layers.append({name: t[rows.to(t.device), which.to(t.device)] for name, t in snaps.items()
+                               if not (shared and name == "state")})
+                if shared:
+                    states = snaps["state"]  # [batch, n_sel, head, d_k, d_v]
+                    flat = (rows * states.shape[1] + which).to(states.device)
+                    used, source = torch.unique(flat, return_inverse=True)
+                    every = len(used) == states.shape[0] * states.shape[1]  # then no copy: all are used
+                    layers[-1]["state_shared"] = states.flatten(0, 1) if every else states.flatten(0, 1)[used]
+                    layers[-1]["state_source"] = source
                 at = layer["snapshot_at"]
                 at = at[which] if at.dim() == 1 else at[rows, which]
                 lengths = at + self.seq_len - layer["snapshot_len"]
@@ -135,14 +155,43 @@ class RecurrentCache:
                     "source": torch.cat([p["source"] + int(o) for p, o in zip(parts, offsets)]),
                     "valid": torch.cat([F.pad(p["valid"], (0, longest - p["valid"].shape[1])) for p in parts]),
                 })
+            elif "state_shared" in parts[0]:
+                if any("state_edit" in part for part in parts):
+                    raise ValueError("stack_rows takes caches fresh from rows_from_snapshots (no state edits)")
+                offsets = torch.tensor([0] + [p["state_shared"].shape[0] for p in parts]).cumsum(0)
+                kept = [name for name in parts[0] if name != "state_source"]
+                layers.append({name: torch.cat([p[name] for p in parts]) for name in kept})
+                layers[-1]["state_source"] = torch.cat([p["state_source"] + int(o) for p, o in zip(parts, offsets)])
             else:
                 layers.append({name: torch.cat([p[name] for p in parts]) for name in parts[0]})
         return RecurrentCache(layers, longest, torch.cat([c.offsets() for c in caches]))
 
+    def add_to_state(self, layer: int, head: int, matrices: Tensor) -> None:
+        """Add ``matrices`` [batch, d_k, d_v] to head ``head``'s state of every row of a recurrent layer. Rows with
+        shared states (``rows_from_snapshots(shared_states=True)``) keep the edit beside the shared states; otherwise
+        the state is replaced by the sum (never written in place: another cache may hold the same tensor)."""
+        entry = self.layers[layer]
+        if "state_shared" in entry:
+            if "state_edit" in entry and entry["state_edit"][0] != head:
+                raise ValueError(f"rows with shared states take edits of one head; layer {layer} already has "
+                                 f"edits of head {entry['state_edit'][0]}")
+            before = entry["state_edit"][1] if "state_edit" in entry else 0
+            entry["state_edit"] = (head, before + matrices.to(entry["state_shared"]))
+            return
+        state = self.recurrent_state(layer)
+        edited = state.clone()
+        edited[:, head] += matrices.to(state)
+        entry["state"] = edited
+
     def recurrent_state(self, layer: int) -> Tensor:
         """The matrix state ``[batch, head, d_k, d_v]`` of a recurrent layer."""
         try:
-            return self.layers[layer]["state"]
+            entry = self.layers[layer]
+            if "state_shared" in entry or "state_spent" in entry:
+                raise ValueError(f"layer {layer} of this cache keeps shared snapshot states (rows_from_snapshots with "
+                                 "shared_states=True), not one state per row; build the rows with shared_states=False "
+                                 "to read or continue their states")
+            return entry["state"]
         except (IndexError, KeyError):
             raise KeyError(f"layer {layer} holds no recurrent state in this cache (is it a recurrent layer?)") from None
 
