@@ -68,6 +68,19 @@ def test_demo(tmp_path, capsys):
     assert "win rate" in capsys.readouterr().out
 
 
+def test_demo_takes_any_shipped_model_and_names_them_when_wrong(capsys):
+    from writesae_lens.data import PRETRAINED_MODELS
+
+    for name in PRETRAINED_MODELS:
+        assert build_parser().parse_args(["demo", "--model", name]).model == name
+    assert build_parser().parse_args(["demo"]).model == "qwen35-tiny"
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["demo", "--model", "gpt2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "gpt2" in err and all(name in err for name in PRETRAINED_MODELS)
+
+
 def test_training_is_reproducible_and_leaves_the_global_generator_alone(tmp_path):
     """One seed gives one SAE (SAELens draws from torch's global generator without seeding it; the job seeds it and
     restores it), also with several threads (the decoder's backward sums repeated atoms in a fixed order)."""

@@ -27,6 +27,7 @@ from .commands.common import positive_int as _positive_int
 from .commands.common import model_arguments as _model_arguments
 from .commands.common import output_arguments as _output_arguments
 from .commands.common import torch_dtype as _dtype
+from .data import PRETRAINED_MODELS
 
 # The demo's sizes: small enough for a few minutes on a 2-core CPU. Its cell (layer, head) is chosen by the memory
 # report (evaluation.memory.choose_demo_cell) on `memory_passages` held-out passages of `memory_len` tokens.
@@ -43,13 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="train a WriteSAE on the embedded model and run the substitution test",
-                          description="On the tiny Qwen3.5-architecture model and held-out text shipped with the "
-                          "package: train a WriteSAE through SAELens on one head's state, run the substitution test, "
-                          "print the summary and write records and plots to --out. No download; minutes on a CPU.")
+                          description="On a tiny model (Qwen3.5-architecture by default; --model) and held-out "
+                          "text shipped with the package: train a WriteSAE through SAELens on one head's state, run "
+                          "the substitution test, print the summary and write records and plots to --out. No "
+                          "download; minutes on a CPU.")
     demo.add_argument("--out", type=Path, default=Path("writesae-demo"), help="output folder (default: %(default)s)")
     demo.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     demo.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
     demo.add_argument("--seed", type=int, default=2026, help="seed of the firing sample and controls")
+    demo.add_argument("--model", default=DEMO["model"], choices=sorted(PRETRAINED_MODELS),
+                      help="which shipped model (default: %(default)s); its cell is chosen by its memory report")
 
     train = sub.add_parser("train", help="train a WriteSAE with SAELens on one head of a recurrent layer",
                            description="Train a rank-1 bilinear TopK WriteSAE with SAELens' training runner on "
@@ -172,8 +176,9 @@ def _demo(args, out: Path) -> tuple[str, float]:
     from .models import load_hooked_model
 
     start = time.perf_counter()
-    print(f"[1/3] loading the embedded model {DEMO['model']!r} and its held-out text")
-    model = load_hooked_model(DEMO["model"], device=args.device)
+    name = getattr(args, "model", DEMO["model"])
+    print(f"[1/3] loading the embedded model {name!r} and its held-out text")
+    model = load_hooked_model(name, device=args.device)
     train_docs, eval_docs = pipeline.split_documents(pipeline.load_texts(None))
     passages = pipeline.token_passages(model, eval_docs, DEMO["passages"], DEMO["passage_len"]).to(args.device)
     long_passages = pipeline.token_passages(model, eval_docs, DEMO["memory_passages"], DEMO["memory_len"])
@@ -191,7 +196,7 @@ def _demo(args, out: Path) -> tuple[str, float]:
     _, _, text = pipeline.run_substitution(model, sae, settings.layer, settings.head, passages, out,
                                            seed=args.seed, max_firings_per_feature=DEMO["max_firings_per_feature"],
                                            max_firings=DEMO["max_firings"])
-    pipeline.save_settings(out, demo=DEMO, train=settings, seed=args.seed, cell_reason=reason)
+    pipeline.save_settings(out, demo=DEMO | {"model": name}, train=settings, seed=args.seed, cell_reason=reason)
     return text, time.perf_counter() - start
 
 
