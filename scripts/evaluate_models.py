@@ -118,8 +118,29 @@ MEMORY_HEADING = "## Memory report"
 DEFAULTS = {"ctx": 256, "batch": 16, "lr": 0.003, "warmup": 100, "decay_init": "transformers"}
 
 
-def memory_section(models: list[str], n_passages: int, n_pos: int) -> list[str]:
-    """The card's memory section: per model, a summary line and the per-head table, as measured now."""
+def demo_line(name: str, demo_folder: Path | None) -> str:
+    """The card's line on the substitution test at the demo's cell, from a `writesae demo --model NAME` output folder
+    (its settings.json and summary.json), or a line saying it was not measured."""
+    if demo_folder is None:
+        return (f"Substitution on the demo's cell: not measured for {name} (run `writesae demo --model {name}` and pass "
+                "its folder to `scripts/evaluate_models.py --demo`).")
+    settings = json.loads((demo_folder / "settings.json").read_text())
+    summary = json.loads((demo_folder / "summary.json").read_text())
+    if settings.get("demo", {}).get("model") != name:
+        raise SystemExit(f"{demo_folder} is a demo of {settings.get('demo', {}).get('model')!r}, not of {name!r}")
+    train, win = settings["train"], summary["win"]
+    verdict = ("the atom wins" if win["low"] > 0.5 else "the atom loses" if win["high"] < 0.5
+               else "no difference at 95 %")
+    return (f"Substitution on the demo's cell: `writesae demo --model {name}` picks {settings['cell_reason']}. There "
+            f"the demo's WriteSAE (d_sae {train['d_sae']}, k {train['k']}; {summary['n_features']} features fire on "
+            f"the test passages, {summary['n_atoms']} are substituted) wins against deleting the write in "
+            f"{win['rate']:.2%} of {win['n']:,} firings, Wilson 95% [{win['low']:.2%}, {win['high']:.2%}]: {verdict}.")
+
+
+def memory_section(models: list[str], n_passages: int, n_pos: int,
+                   demos: dict[str, Path] | None = None) -> list[str]:
+    """The card's memory section: per model, a summary line, the demo's substitution result (``demos``: model name
+    -> `writesae demo` output folder) and the per-head table, as measured now."""
     from writesae_lens import pipeline
     from writesae_lens.data import load_heldout_documents
     from writesae_lens.evaluation.memory import MemorySettings, choose_demo_cell, memory_report
@@ -161,6 +182,8 @@ def memory_section(models: list[str], n_passages: int, n_pos: int) -> list[str]:
             f"{table['write_share'].median():.2f}, memory length {table['memory_length'].median():g} tokens; {long} of "
             f"{len(table)} heads keep a write above {settings.threshold:.0%} for 10 tokens or more. Suggested demo cell "
             f"(`choose_demo_cell`): {reason}.",
+            "",
+            demo_line(name, (demos or {}).get(name)),
             "",
             "| layer | head | decay q10 / q50 / q90 | write share | memory length | KL zero | KL memory |",
             "|---|---|---|---|---|---|---|",
@@ -256,11 +279,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-len", type=int, default=256, help="tokens per memory-report passage")
     parser.add_argument("--memory-only", action="store_true",
                         help="measure only the memory report and replace its section in the existing MODEL_CARD.md")
+    parser.add_argument("--demo", nargs="*", type=Path, default=[],
+                        help="`writesae demo --model NAME` output folders: their substitution result goes in the card")
     args = parser.parse_args(argv)
+    demos = {json.loads((folder / "settings.json").read_text())["demo"]["model"]: folder for folder in args.demo}
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory_only:
-        section = memory_section(args.models, args.memory_passages, args.memory_len)
+        section = memory_section(args.models, args.memory_passages, args.memory_len, demos)
         if args.no_card:
             print("\n".join(section))
             return
@@ -311,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_card or not results:
         return
     write_card(results, uni_nll, blocks, args, memory_section([r["name"] for r in results], args.memory_passages,
-                                                              args.memory_len))
+                                                              args.memory_len, demos))
 
 
 def write_card(results: list[dict], uni_nll: float, blocks: torch.Tensor, args, memory: list[str]) -> None:
