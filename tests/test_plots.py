@@ -54,6 +54,15 @@ def test_plot_tolerates_zero_kls_and_respects_overwrite(tmp_path, plot):
 
 
 @pytest.mark.parametrize("plot", [plots.plot_kl_scatter, plots.plot_log_ratio_density], ids=["scatter", "density"])
+def test_plot_of_a_cell_where_no_edit_changes_anything(tmp_path, plot):
+    """A head that keeps nothing of its state gives KL exactly 0 (or -0.0) in every condition: still a figure."""
+    table = synthetic_records(30)
+    for condition in ("atom", "delete", "random"):
+        table[rec.kl_column(condition)] = -0.0
+    assert plot(table, tmp_path / "figure.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize("plot", [plots.plot_kl_scatter, plots.plot_log_ratio_density], ids=["scatter", "density"])
 def test_plot_rejects_empty_and_nan_records(tmp_path, plot):
     with pytest.raises(ValueError, match="empty"):
         plot(rec.empty_records(), tmp_path / "empty.png")

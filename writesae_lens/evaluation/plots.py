@@ -80,6 +80,11 @@ def plot_kl_scatter(
         axes.plot([low, high], [low, high], color="black", linewidth=1, linestyle="--", label="y = x")
         axes.set_xlim(low, high)
         axes.set_ylim(low, high)
+    else:  # e.g. a head that keeps nothing of its state: every edit after the read changes nothing, KL exactly 0
+        axes.set_xlim(1e-12, 1.0)
+        axes.set_ylim(1e-12, 1.0)
+        axes.text(0.5, 0.5, "no firing has a positive KL\nin the atom and either condition", ha="center",
+                  va="center", transform=axes.transAxes)
     axes.set_xscale("log")
     axes.set_yscale("log")
     axes.set_xlabel(f"KL_atom   [{_kl_label(reverse_kl)}, nats]")
