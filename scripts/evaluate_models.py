@@ -131,7 +131,10 @@ def demo_line(name: str, demo_folder: Path | None) -> str:
     train, win = settings["train"], summary["win"]
     verdict = ("the atom wins" if win["low"] > 0.5 else "the atom loses" if win["high"] < 0.5
                else "no difference at 95 %")
-    return (f"Substitution on the demo's cell: `writesae demo --model {name}` picks {settings['cell_reason']}. There "
+    demo = settings["demo"]
+    return (f"Substitution on the demo's cell: `writesae demo --model {name}` measures its own memory report (on "
+            f"{demo['memory_passages']} passages of {demo['memory_len']} tokens of the shipped text's evaluation "
+            f"split, so its cell can differ from the one suggested above) and picks {settings['cell_reason']}. There "
             f"the demo's WriteSAE (d_sae {train['d_sae']}, k {train['k']}; {summary['n_features']} features fire on "
             f"the test passages, {summary['n_atoms']} are substituted) wins against deleting the write in "
             f"{win['rate']:.2%} of {win['n']:,} firings, Wilson 95% [{win['low']:.2%}, {win['high']:.2%}]: {verdict}.")

@@ -232,6 +232,19 @@ def test_choose_demo_cell_prefers_long_memory_that_moves_the_logits():
         choose_demo_cell()
 
 
+def test_choose_demo_cell_leaves_out_heads_whose_write_is_a_sliver_of_the_state():
+    report = synthetic_report()
+    report.table.loc[2, "write_share"] = 0.01  # (1, 0): the longest memory that moves the logits, but a tiny write
+    layer, head, reason = choose_demo_cell(report=report)
+    assert (layer, head) == (0, 1) and "1 heads whose current write is under 5% of their state" in reason
+    assert choose_demo_cell(report=report, min_write_share=0.0)[:2] == (1, 0)
+    assert "left out" not in choose_demo_cell(report=synthetic_report())[2]  # none below the floor: no remark
+    with pytest.raises(ValueError, match="min_write_share"):
+        choose_demo_cell(report=report, min_write_share=1.5)
+    with pytest.raises(ValueError, match="write share of at least 0.95"):
+        choose_demo_cell(report=report, min_write_share=0.95)
+
+
 def test_bad_input_is_refused_with_the_valid_values(qwen35_pair):
     model = qwen35_pair[1]
     tokens = random_tokens(model, 1, 20)

@@ -322,21 +322,31 @@ def memory_report(model, tokens: Tensor, settings: MemorySettings | None = None,
 
 
 def choose_demo_cell(model=None, tokens: Tensor | None = None, report: MemoryReport | None = None,
-                     settings: MemorySettings | None = None, density: Callable[[int, int], float] | None = None
-                     ) -> tuple[int, int, str]:
+                     settings: MemorySettings | None = None, density: Callable[[int, int], float] | None = None,
+                     min_write_share: float = 0.05) -> tuple[int, int, str]:
     """The (layer, head, reason) of a cell worth a demo: among heads whose memory moves the logits at least as much as
     the median head's (``kl_memory``), the one whose writes last longest (median memory length; ties: larger
-    ``kl_memory``). ``density(layer, head)``, when given, is a firing density in [0, 1] per cell: cells where it is 0
-    are left out. Pass a computed ``report``, or ``model`` and ``tokens`` to measure one."""
+    ``kl_memory``). Heads whose current write is under ``min_write_share`` of their state (median ``write_share``)
+    are left out first: the substitution test replaces the write, and replacing or deleting a write that small
+    changes little next to what the state already holds (mamba2-tiny's longest-memory head, whose write is 1 % of
+    its state, gave a median KL of 5e-8 for deleting it). ``density(layer, head)``, when given, is a firing density
+    in [0, 1] per cell: cells where it is 0 are left out (a TopK SAE fires k features at every position, so its
+    density cannot tell cells apart). Pass a computed ``report``, or ``model`` and ``tokens`` to measure one."""
+    if not 0.0 <= min_write_share < 1.0:
+        raise ValueError(f"min_write_share must be in [0, 1), got {min_write_share!r}")
     if report is None:
         if model is None or tokens is None:
             raise ValueError("choose_demo_cell needs a memory report, or a model and token passages to measure one")
         report = memory_report(model, tokens, settings, progress=False)
     table = report.table.dropna(subset=["memory_length", "kl_memory"])
+    n_measured = len(table)
+    table = table[table["write_share"] >= min_write_share]
+    small_writes = n_measured - len(table)
     if density is not None:
         table = table[[density(int(r.layer), int(r.head)) > 0 for r in table.itertuples()]]
     if table.empty:
-        raise ValueError("no head has a measured memory length (and, with density, a firing feature)")
+        raise ValueError(f"no head has a measured memory length and a write share of at least {min_write_share} "
+                         "(and, with density, a firing feature)")
     floor = float(table["kl_memory"].median())
     candidates = table[table["kl_memory"] >= floor].sort_values(["memory_length", "kl_memory"], ascending=False)
     best = candidates.iloc[0]
@@ -350,6 +360,9 @@ def choose_demo_cell(model=None, tokens: Tensor | None = None, report: MemoryRep
               f"median head (KL {best['kl_memory']:.3f} nats/token when its state is cut to the current write; "
               f"median {floor:.3f}); median per-token decay {best['decay_q50']:.2f}, the current write is "
               f"{best['write_share']:.0%} of its state")
+    if small_writes:
+        reason += (f" ({small_writes} heads whose current write is under {min_write_share:.0%} of their state were "
+                   "left out: replacing such a write changes little)")
     return layer, head, reason
 
 
