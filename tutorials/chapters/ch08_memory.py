@@ -101,8 +101,9 @@ print(f"source position {s}, lags 1-{int(shown.sum())}: largest relative differe
 ## Choosing a cell for the demo
 
 `choose_demo_cell` picks, among the heads whose memory moves the logits at least as much as the median head's, the one
-whose writes last longest, and says why. A firing-density function (from an SAE) can exclude cells where no feature
-fires.
+whose writes last longest, and says why. Heads whose write is under 5 % of their state are left out first
+(`min_write_share`): the test replaces the write, and a write that small hardly matters. A firing-density function
+(from an SAE) can exclude cells where no feature fires.
 '''),
     code('''
 for name, report in reports.items():
