@@ -58,6 +58,33 @@ def test_strong_decay_and_edited_decays_stay_finite():
         close(a, b)
 
 
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_factored_and_pairwise_decays_agree(monkeypatch, chunk):
+    """The factored pair products (the fast path, taken when every chunk's cumulative log decay is within
+    FACTORED_LOG_RANGE) and the explicit pairwise exponents (the fallback) give the reference's numbers, values and
+    gradients; a range of 0 forces the fallback."""
+    import writesae_lens.ops.dplr as dplr
+
+    r, k, v, w, ea, eb, s0 = rwkv7_factors(2, 70, 2, 12, 8, seed=5)
+    w = w.clamp_min(-0.6065)  # RWKV-7's own floor: the chunk's cumulative decay is at least -0.61 * chunk
+
+    def run():
+        inputs = [x.clone().requires_grad_() for x in (r, k, v, w, ea, eb, s0)]
+        reads, final, traj = dplr_chunked(*inputs, return_trajectory=True, chunk_size=chunk)
+        (reads.square().sum() + final.square().sum()).backward()
+        return [reads.detach(), final.detach(), traj.detach()] + [x.grad for x in inputs]
+
+    factored = run()
+    monkeypatch.setattr(dplr, "FACTORED_LOG_RANGE", 0.0)
+    pairwise = run()
+    monkeypatch.undo()
+    ref = dplr_reference(r, k, v, w, ea, eb, s0, return_trajectory=True)
+    for a, b in zip(factored[:3], ref):
+        close(a, b)
+    for a, b in zip(factored, pairwise):
+        close(a, b, 1e-5)
+
+
 @pytest.mark.parametrize("chunk", [8, 16])
 def test_states_at_selected_positions(chunk):
     r, k, v, w, ea, eb, s0 = rwkv7_factors(2, 45, 3, 5, 7, seed=9)

@@ -45,7 +45,7 @@ from .gated_delta import at_positions, initial_state_or_zeros, trajectory_buffer
 from .state_edits import StateEdits, propagate_through
 from .precision import compute_dtype, upcast
 
-DEFAULT_CHUNK_SIZE = 16  # the pairwise decays are [chunk, chunk, d_k] per chunk and head
+DEFAULT_CHUNK_SIZE = 16  # the pairwise fallback (see _decayed_pairs) holds [chunk, chunk, d_k] per chunk and head
 
 
 def dplr_reference(
@@ -139,44 +139,72 @@ def dplr_chunked(
     q, k, u, w, ea, eb = (chunked(x) for x in (query, key, write_value, log_decay, erase_a, erase_b))
     cum = w.cumsum(-2)  # G: [b, h, n, C, d_k]
     exclusive = cum - w  # E
-    idx = torch.arange(chunk_size, device=key.device)
-    upto = (idx[:, None] >= idx[None, :])[..., None]  # j <= i: [C, C, 1]
-    before = (idx[:, None] > idx[None, :])[..., None]  # j < i
-    # pairwise decays exp(G_i - G_j) (j <= i) and exp(E_i - G_j) (j < i), [b, h, n, C, C, d_k]
-    read_decay = (cum[..., :, None, :] - cum[..., None, :, :]).masked_fill(~upto, float("-inf")).exp()
-    recall_decay = (exclusive[..., :, None, :] - cum[..., None, :, :]).masked_fill(~before, float("-inf")).exp()
-
-    pair = lambda x, y, decay: torch.einsum("bhnid,bhnjd,bhnijd->bhnij", x, y, decay)  # noqa: E731
-    inverse = _unit_lower_inverse(pair(eb, ea, recall_decay))  # (I + A_ba)^-1, A_ba strictly lower
-    recall_u = inverse @ (pair(eb, k, recall_decay) @ u)  # Ut
+    recall_pair, read_pair = _decayed_pairs(cum, exclusive)
+    inverse = _unit_lower_inverse(recall_pair(eb, ea))  # (I + A_ba)^-1, A_ba strictly lower
+    recall_u = inverse @ (recall_pair(eb, k) @ u)  # Ut
     recall_s = inverse @ (eb * exclusive.exp())  # Wt
-    read_k, read_a = pair(q, k, read_decay), pair(q, ea, read_decay)  # [b, h, n, C, C]
+    read_k, read_a = read_pair(q, k), read_pair(q, ea)  # [b, h, n, C, C]
     q_decayed = q * cum.exp()
     to_end = (cum[..., -1:, :] - cum).exp()  # exp(G_last - G_j): [b, h, n, C, d_k]
     k_end, ea_end = k * to_end, ea * to_end
     chunk_decay = cum[..., -1, :].exp()[..., None]  # [b, h, n, d_k, 1]
 
-    reads = torch.empty(batch, n_heads, n_chunks, chunk_size, d_v, device=key.device, dtype=compute_dtype(write_value))
-    keep = return_trajectory or state_positions is not None
-    recalled_all = torch.empty_like(reads) if keep else None
+    # chunk to chunk: S' = exp(G_last) * S + K_end^T U - EA_end^T (Ut + Wt S) = across S + added, [b, h, n, d_k, ...]
+    ea_end_t = ea_end.transpose(-1, -2)
+    across = torch.diag_embed(chunk_decay[..., 0]) - ea_end_t @ recall_s  # [b, h, n, d_k, d_k]
+    added = k_end.transpose(-1, -2) @ u - ea_end_t @ recall_u  # [b, h, n, d_k, d_v]
     start_states = []
-    for c in range(n_chunks):
-        recalled = recall_u[:, :, c] + recall_s[:, :, c] @ state  # X: [b, h, C, d_v]
-        reads[:, :, c] = q_decayed[:, :, c] @ state + read_k[:, :, c] @ u[:, :, c] - read_a[:, :, c] @ recalled
-        if keep:
-            recalled_all[:, :, c] = recalled
-            start_states.append(state)
-        state = (state * chunk_decay[:, :, c] + k_end[:, :, c].transpose(-1, -2) @ u[:, :, c]
-                 - ea_end[:, :, c].transpose(-1, -2) @ recalled)
+    for across_c, added_c in zip(across.unbind(2), added.unbind(2)):  # the only sequential part
+        start_states.append(state)
+        state = across_c @ state + added_c
+    starts = torch.stack(start_states, dim=2)  # [b, h, n, d_k, d_v]
+    recalled_all = recall_u + recall_s @ starts  # X: [b, h, n, C, d_v]
+    reads = q_decayed @ starts + read_k @ u - read_a @ recalled_all  # [b, h, n, C, d_v]
+    keep = return_trajectory or state_positions is not None
 
     reads = reads.reshape(batch, n_heads, -1, d_v)[:, :, :n_pos].transpose(1, 2).contiguous()
     trajectory = None
     if keep:
-        trajectory = _chunk_trajectories(torch.stack(start_states, dim=2), k, u, w, ea, recalled_all)
+        trajectory = _chunk_trajectories(starts, k, u, w, ea, recalled_all)
         trajectory = trajectory.reshape(batch, n_chunks * chunk_size, n_heads, d_k, d_v)[:, :n_pos]
         if state_positions is not None:
             trajectory = at_positions(trajectory, state_positions)
     return reads, state, trajectory
+
+
+FACTORED_LOG_RANGE = 60.0  # |cumulative log decay| below this inside every chunk: exp(+-G) is safe in fp32
+
+
+def _decayed_pairs(cum: Tensor, exclusive: Tensor):
+    """The two decayed pair products of a chunk, as functions of ``(x [b, h, n, C, d], y [b, h, n, C, d])``:
+    ``recall(x, y)_ij = <x_i, y_j>_{E_i - G_j}`` for ``j < i`` and ``read(x, y)_ij = <x_i, y_j>_{G_i - G_j}`` for
+    ``j <= i`` (zero elsewhere), ``[b, h, n, C, C]``.
+
+    When every cumulative log decay of every chunk lies within +-``FACTORED_LOG_RANGE`` (RWKV-7's own decays are at
+    least -0.61 per token, so a chunk of 16 stays above -10), the decay factors into the two sides:
+    ``<x_i, y_j>_{G_i - G_j} = (x_i exp(G_i)) . (y_j exp(-G_j))``, one matrix product per chunk. Otherwise (edits that
+    set decays of any strength) the pairwise exponents ``G_i - G_j`` are formed explicitly, ``[b, h, n, C, C, d]``,
+    which never overflows. Both give the same numbers to fp32 rounding (tests/test_dplr.py)."""
+    chunk_size = cum.shape[-2]
+    idx = torch.arange(chunk_size, device=cum.device)
+    upto = idx[:, None] >= idx[None, :]  # j <= i: [C, C]
+    before = idx[:, None] > idx[None, :]  # j < i
+    if bool(cum.abs().max() < FACTORED_LOG_RANGE):
+        grow, shrink, recall_grow = cum.exp(), (-cum).exp(), exclusive.exp()
+
+        def recall(x: Tensor, y: Tensor) -> Tensor:
+            return ((x * recall_grow) @ (y * shrink).transpose(-1, -2)).masked_fill(~before, 0.0)
+
+        def read(x: Tensor, y: Tensor) -> Tensor:
+            return ((x * grow) @ (y * shrink).transpose(-1, -2)).masked_fill(~upto, 0.0)
+
+        return recall, read
+    # pairwise decays exp(G_i - G_j) (j <= i) and exp(E_i - G_j) (j < i), [b, h, n, C, C, d_k]
+    read_decay = (cum[..., :, None, :] - cum[..., None, :, :]).masked_fill(~upto[..., None], float("-inf")).exp()
+    recall_decay = (exclusive[..., :, None, :] - cum[..., None, :, :]).masked_fill(~before[..., None], float("-inf"))
+    recall_decay = recall_decay.exp()
+    pair = lambda x, y, decay: torch.einsum("bhnid,bhnjd,bhnijd->bhnij", x, y, decay)  # noqa: E731
+    return (lambda x, y: pair(x, y, recall_decay)), (lambda x, y: pair(x, y, read_decay))
 
 
 def _unit_lower_inverse(strictly_lower: Tensor) -> Tensor:
