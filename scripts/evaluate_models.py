@@ -115,7 +115,7 @@ def samples(model, tokenizer, max_new_tokens: int) -> list[tuple[str, str]]:
 
 MEMORY_HEADING = "## Memory report"
 # What the first release's runs used for arguments their logs do not record (decay_init came later)
-DEFAULTS = {"ctx": 256, "batch": 16, "lr": 0.003, "warmup": 100, "decay_init": "transformers"}
+DEFAULTS = {"ctx": 256, "batch": 16, "lr": 0.003, "warmup": 100, "decay_init": "transformers", "eval_blocks": 64}
 
 
 def demo_line(name: str, demo_folder: Path | None) -> str:
@@ -176,11 +176,10 @@ def memory_section(models: list[str], n_passages: int, n_pos: int,
         long = int((table["memory_length"] >= 10).sum())
         print(f"{name}: memory report in {time.time() - t0:.0f} s; {long}/{len(table)} heads keep a write >= 10 tokens",
               flush=True)
-        note = decay_init_note(folder)
         lines += [
             f"### `{name}`",
             "",
-            *note,
+            *decay_init_note(folder),
             f"Median over heads: per-token decay {table['decay_q50'].median():.2f}, write share "
             f"{table['write_share'].median():.2f}, memory length {table['memory_length'].median():g} tokens; {long} of "
             f"{len(table)} heads keep a write above {settings.threshold:.0%} for 10 tokens or more. Suggested demo cell "
@@ -200,13 +199,14 @@ def memory_section(models: list[str], n_passages: int, n_pos: int,
     return lines
 
 
-def decay_init_note(folder: Path) -> list[str]:
+def decay_init_note(folder: Path, name: str | None = None) -> list[str]:
     """For a Qwen3.5 model trained with transformers' decay initialisation: why its heads forget (card lines)."""
     log = json.loads((folder / "training_log.json").read_text())
     if log.get("family") != "qwen35" or log["args"].get("decay_init", "transformers") != "transformers":
         return []
     return [
-        "Why its heads forget: it was initialised as transformers initialises a Qwen3.5 Gated DeltaNet, `dt_bias = 1`",
+        f"Why the heads of {name or 'this model'} forget: it was initialised as transformers initialises a Qwen3.5 "
+        "Gated DeltaNet, `dt_bias = 1`",
         "and `A ~ U(0.01, 16)`, so a head starts keeping `exp(-A softplus(1)) = exp(-1.31 A)` of its state per token",
         "(below 0.27 for every head with A > 1), and 256-token training blocks gave it no reason to learn slower",
         f"decays (trained `A` {format_rates(folder)}). The retraining recipe (`--decay-init reference`, contexts of",
@@ -238,6 +238,66 @@ def replace_memory_section(card: str, section: list[str]) -> str:
     else:
         start = end = lines.index("## Architectures")
     return "\n".join(lines[:start] + section + lines[end:])
+
+
+REPLACED_HEADING = "## Retrained models: before and after"
+
+
+def model_at_revision(name: str, revision: str, into: Path) -> Path:
+    """The shipped folder ``name`` as it was at git ``revision``, written into ``into / name`` (for ``--replaced``)."""
+    import subprocess
+
+    rel = (MODELS / name).relative_to(REPO).as_posix()
+    listing = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{revision}:{rel}"], check=True,
+                             capture_output=True, text=True).stdout.split()
+    if not listing:
+        raise SystemExit(f"no {rel} at git revision {revision!r}")
+    folder = into / name
+    folder.mkdir(parents=True)
+    for file in listing:
+        blob = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:{rel}/{file}"], check=True,
+                              capture_output=True).stdout
+        (folder / file).write_bytes(blob)
+    return folder
+
+
+def memory_summary(folder: Path, n_passages: int, n_pos: int) -> dict:
+    """The memory report of the model in ``folder`` reduced to the card's medians."""
+    from writesae_lens import pipeline
+    from writesae_lens.data import load_heldout_documents
+    from writesae_lens.evaluation.memory import MemorySettings, memory_report
+    from writesae_lens.models import load_hooked_model
+
+    model = load_hooked_model(folder)
+    tokens = pipeline.token_passages(model, load_heldout_documents(), n_passages, n_pos)
+    table = memory_report(model, tokens, MemorySettings(), progress=True).table
+    return {"decay": table["decay_q50"].median(), "write_share": table["write_share"].median(),
+            "memory_length": table["memory_length"].median(), "long": int((table["memory_length"] >= 10).sum()),
+            "heads": len(table)}
+
+
+def replaced_section(rows: list[dict], notes: list[str]) -> list[str]:
+    """The card's before/after table: ``rows`` of name, version, log, ppl and a ``memory_summary``."""
+    lines = [
+        REPLACED_HEADING,
+        "",
+        "Each retrained model against the one it replaced, measured now with this card's protocols (held-out perplexity as",
+        "in Results; the memory report's medians over heads as in the Memory report).",
+        "",
+        "| model | version | training | held-out PPL | median decay | median write share | median memory length | "
+        "heads keeping a write >= 10 tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        used, m = {**DEFAULTS, **r["log"]["args"]}, r["memory"]
+        init = f", decay init {used['decay_init']}" if used["family"] == "qwen35" else ""
+        tokens = r["log"].get("steps_done", 0) * used["batch"] * used["ctx"]
+        lines.append(
+            f"| `{r['name']}` | {r['version']} | {r['log'].get('steps_done', 0)} steps x {used['batch']} x "
+            f"{used['ctx']} ({tokens / 1e6:.1f} M tokens){init} | {r['ppl']:.2f} | {m['decay']:.2f} | "
+            f"{m['write_share']:.2f} | {m['memory_length']:g} | {m['long']} of {m['heads']} |"
+        )
+    return lines + ["", *notes]
 
 
 def describe(config) -> str:
@@ -284,8 +344,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="measure only the memory report and replace its section in the existing MODEL_CARD.md")
     parser.add_argument("--demo", nargs="*", type=Path, default=[],
                         help="`writesae demo --model NAME` output folders: their substitution result goes in the card")
+    parser.add_argument("--replaced", nargs="*", default=[], metavar="NAME@REVISION",
+                        help="a shipped model and the git revision of the version it replaced (e.g. qwen35-tiny@694460a): "
+                             "the card gets a before/after table measured on both")
     args = parser.parse_args(argv)
+    for spec in args.replaced:
+        if "@" not in spec or spec.split("@")[0] not in args.models:
+            raise SystemExit(f"--replaced {spec!r}: expected NAME@REVISION with NAME one of {args.models}")
     demos = {json.loads((folder / "settings.json").read_text())["demo"]["model"]: folder for folder in args.demo}
+    args.demo_models = list(demos)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory_only:
@@ -339,8 +406,33 @@ def main(argv: list[str] | None = None) -> None:
             print(f"   {prompt!r} -> {cont!r}", flush=True)
     if args.no_card or not results:
         return
-    write_card(results, uni_nll, blocks, args, memory_section([r["name"] for r in results], args.memory_passages,
-                                                              args.memory_len, demos))
+    memory = memory_section([r["name"] for r in results], args.memory_passages, args.memory_len, demos)
+    write_card(results, uni_nll, blocks, args, memory + before_and_after(args, results, blocks))
+
+
+def before_and_after(args, results: list[dict], blocks: torch.Tensor) -> list[str]:
+    """The card's before/after section for every ``--replaced NAME@REVISION`` (nothing without one)."""
+    import tempfile
+
+    if not args.replaced:
+        return []
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.replaced:
+            name, revision = spec.split("@", 1)
+            shipped = next((r for r in results if r["name"] == name), None)
+            if shipped is None:
+                raise SystemExit(f"--replaced {spec!r}: {name} was not evaluated (no model folder)")
+            old = model_at_revision(name, revision, Path(tmp))
+            old_ppl = math.exp(model_nll(load_model(old), blocks, args.batch))
+            print(f"{name} at {revision}: held-out PPL {old_ppl:.2f} (shipped {shipped['ppl']:.2f})", flush=True)
+            old_log = json.loads((old / "training_log.json").read_text())
+            rows.append({"name": name, "version": f"replaced (git {revision})", "log": old_log, "ppl": old_ppl,
+                         "memory": memory_summary(old, args.memory_passages, args.memory_len)})
+            rows.append({"name": name, "version": "shipped", "log": shipped["log"], "ppl": shipped["ppl"],
+                         "memory": memory_summary(MODELS / name, args.memory_passages, args.memory_len)})
+            notes += decay_init_note(old, f"the replaced `{name}`")
+    return replaced_section(rows, notes)
 
 
 def write_card(results: list[dict], uni_nll: float, blocks: torch.Tensor, args, memory: list[str]) -> None:
@@ -392,11 +484,10 @@ def write_card(results: list[dict], uni_nll: float, blocks: torch.Tensor, args, 
         "## Training",
         "",
         "AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warmup then cosine decay to 10% of the peak rate, gradient",
-        "clipping 1.0, batches of random contiguous 257-token blocks from the train stream, fp32, one niced CPU thread each.",
-        "Hyperparameters, per-step losses, config, seed and data sha256 are in each folder's `training_log.json`.",
-        "The training times are wall-clock on a shared 2-core machine, both runs at once under other load; unloaded, one",
-        "step takes about 0.85 s (qwen35-tiny) and 1.15 s (mamba2-tiny, whose pure-torch chunked scan is slower), which is why",
-        "the Mamba-2 run has fewer steps for a similar time budget.",
+        "clipping 1.0, batches of random contiguous blocks of `ctx` + 1 tokens from the train stream (sizes per model below),",
+        "fp32, one niced CPU thread each. Hyperparameters, per-step losses, config, seed and data sha256 are in each folder's",
+        "`training_log.json`. The training times are wall-clock on a shared 2-core machine under other load (other training",
+        "runs, test suites), so they say little about speed.",
         "",
     ]
     for r in results:
@@ -405,10 +496,14 @@ def write_card(results: list[dict], uni_nll: float, blocks: torch.Tensor, args, 
         shown = held[:: max(1, len(held) // 6)]
         shown = shown if shown[-1] == held[-1] else shown + [held[-1]]
         curve = ", ".join(f"{s}: {math.exp(v):.0f}" for s, v in shown)
+        used = {**DEFAULTS, **log["args"]}
+        init = f", `--decay-init {used['decay_init']}`" if used["family"] == "qwen35" else ""
+        resumed = log.get("resumed_at")
+        resumed = f"; paused and resumed at step {', '.join(map(str, resumed))}" if resumed else ""
         lines.append(
-            f"- `{r['name']}`: seed {log['args']['seed']}, batch {log['args']['batch']} x {log['args']['ctx']}, peak lr "
-            f"{log['args']['lr']}, warmup {log['args']['warmup']}; held-out PPL during training (step: PPL, 64 fixed "
-            f"blocks) {curve}."
+            f"- `{r['name']}`: seed {used['seed']}, batch {used['batch']} x {used['ctx']}, peak lr {used['lr']}, warmup "
+            f"{used['warmup']}{init}{resumed}; held-out PPL during training (step: PPL, {used['eval_blocks']} fixed "
+            f"blocks of {used['ctx']} tokens) {curve}."
         )
     lines += ["", "## Greedy samples", "", "Prompts are preceded by `<|endoftext|>`; 40 new tokens, greedy.", ""]
     for r in results:
@@ -438,8 +533,11 @@ def write_card(results: list[dict], uni_nll: float, blocks: torch.Tensor, args, 
             f"OMP_NUM_THREADS=1 nice -n 19 python scripts/train_models.py --family {a['family']} --steps {a['steps']} "
             f"--seed {a['seed']}{extra}"
         )
+    flags = "".join(f" --demo writesae-demo-{name}" for name in sorted(args.demo_models))
+    flags += "".join(f" --replaced {spec}" for spec in args.replaced)
     lines += [
-        "python scripts/evaluate_models.py           # this card",
+        *(f"writesae demo --model {name} --out writesae-demo-{name}" for name in sorted(args.demo_models)),
+        f"python scripts/evaluate_models.py{flags}   # this card",
         "```",
         "",
         "Runs write to `.cache/train/<family>-tiny/`; a model is shipped by copying every file of that folder except",
