@@ -118,7 +118,7 @@ def test_shared_rows_give_the_logits_of_rows_with_their_own_states(family, qwen3
     listener = (f"blocks.{layer}.mixer.hook_read", lambda x, hook: None)
     torch.testing.assert_close(run(True, next_tokens, [listener])[0], own, rtol=1e-5, atol=1e-5)
     # a spent cache says so instead of continuing from nothing
-    with pytest.raises(ValueError, match="one step from shared snapshot states"):
+    with pytest.raises(ValueError, match="keep no state of their own after their one-token step"):
         with torch.no_grad():
             model(next_tokens, cache=spent)
     with pytest.raises(ValueError, match="shared snapshot states"):

@@ -13,6 +13,33 @@ SHARED_KEYS = ("k", "v")  # with a "source" entry, these are [n_sources, ...]: r
 # [n_sources, head, d_k, d_v] and "state_source" [batch] instead of "state", and "state_edit" (head, [batch, d_k,
 # d_v]) for the rows' edits; after a one-token call it keeps "state_spent" (``MatrixWriteMixer.recur_with_cache``).
 SHARED_STATE_KEYS = ("state_shared", "state_source", "state_edit")
+SPENT_MESSAGE = ("rows with shared snapshot states (rows_from_snapshots with shared_states=True) keep no state of their "
+                 "own after their one-token step; build the rows with shared_states=False to read or continue their "
+                 "states")
+
+
+def keeps_shared_states(layer_cache: dict | None) -> bool:
+    """Whether a layer's cache entry holds shared snapshot states (or is spent), not one state per row."""
+    return layer_cache is not None and ("state_shared" in layer_cache or "state_spent" in layer_cache)
+
+
+def give_rows_their_states(layer_cache: dict) -> None:
+    """Replace a layer's shared snapshot states by one state per row (``"state"`` [rows, head, d_k, d_v]), with the
+    rows' edits added, for a call that needs them; a spent entry raises."""
+    if "state_spent" in layer_cache:
+        raise ValueError(SPENT_MESSAGE)
+    state = layer_cache.pop("state_shared")[layer_cache.pop("state_source")]  # a new tensor: the shared one is kept
+    if "state_edit" in layer_cache:
+        head, edit = layer_cache.pop("state_edit")
+        state[:, head] += edit
+    layer_cache["state"] = state
+
+
+def mark_spent(layer_cache: dict) -> None:
+    """After a one-token step read from shared states: no final state was computed, so the entry keeps none."""
+    for name in SHARED_STATE_KEYS:
+        layer_cache.pop(name, None)
+    layer_cache["state_spent"] = True
 
 
 @dataclass
@@ -187,7 +214,7 @@ class RecurrentCache:
         """The matrix state ``[batch, head, d_k, d_v]`` of a recurrent layer."""
         try:
             entry = self.layers[layer]
-            if "state_shared" in entry or "state_spent" in entry:
+            if keeps_shared_states(entry):
                 raise ValueError(f"layer {layer} of this cache keeps shared snapshot states (rows_from_snapshots with "
                                  "shared_states=True), not one state per row; build the rows with shared_states=False "
                                  "to read or continue their states")

@@ -46,7 +46,7 @@ from ..ops.finite import all_finite
 from ..ops.gated_delta import recurrence
 from ..ops.shared_step import shared_step_reads
 from ..ops.state_edits import StateEdits, propagate_edits, validate_edits
-from .cache import SHARED_STATE_KEYS
+from .cache import give_rows_their_states, keeps_shared_states, mark_spent
 from .padding import pad_mask
 from .state_gradients import UnchangedCells, link_unchanged_cells, needs_link, untaped_trajectory
 from ..ops.precision import upcast
@@ -221,12 +221,12 @@ class MatrixWriteMixer(nn.Module):
         ``[n_sel]`` or per row ``[batch, n_sel]``). Returns the reads."""
         snapshot_at = layer_cache.get("snapshot_at") if layer_cache is not None else None
         pad = pad_mask(layer_cache)
-        if layer_cache is not None and ("state_shared" in layer_cache or "state_spent" in layer_cache):
+        if keeps_shared_states(layer_cache):
             one_step = write_k.shape[1] == 1 and snapshot_at is None and pad is None
             if "state_shared" in layer_cache and one_step and not self._has_any_hooks():
                 return self._shared_step(read_q, write_k, write_v, write_beta, log_decay, layer_cache,
                                          transition_factors)
-            _give_rows_their_states(layer_cache)
+            give_rows_their_states(layer_cache)
         initial = layer_cache.get("state") if layer_cache is not None else None
         if pad is not None:  # left pads: zero write, identity transition (zero log decay and extra factors)
             write_beta = write_beta.masked_fill(pad[..., None], 0.0)
@@ -259,9 +259,7 @@ class MatrixWriteMixer(nn.Module):
         write_value = upcast(write_beta[:, 0])[..., None] * upcast(write_v[:, 0])  # [rows, head, d_v]
         reads = shared_step_reads(read_q[:, 0], write_k[:, 0], write_value, w, erase_a, erase_b,
                                   layer_cache["state_shared"], layer_cache["state_source"], edit, edit_head)
-        for name in SHARED_STATE_KEYS:
-            layer_cache.pop(name, None)
-        layer_cache["state_spent"] = True
+        mark_spent(layer_cache)
         return reads[:, None]
 
     def _apply_state_hook(self, query, transition, edits, base_traj, rebuild_base) -> tuple:
@@ -320,20 +318,6 @@ def _with_version_counters(active: bool = True):
             yield
     else:
         yield
-
-
-def _give_rows_their_states(layer_cache: dict) -> None:
-    """Replace a layer's shared snapshot states (``RecurrentCache.rows_from_snapshots(shared_states=True)``) by one
-    state per row, with the rows' edits added, for a call that needs them."""
-    if "state_spent" in layer_cache:
-        raise ValueError("this cache's rows already ran their one step from shared snapshot states, which keeps no "
-                         "final state; build the rows with rows_from_snapshots(..., shared_states=False) to continue "
-                         "them")
-    state = layer_cache.pop("state_shared")[layer_cache.pop("state_source")]  # [rows, head, d_k, d_v], a new tensor
-    if "state_edit" in layer_cache:
-        head, edit = layer_cache.pop("state_edit")
-        state[:, head] += edit
-    layer_cache["state"] = state
 
 
 def run_hook_keeping_shape(hook_point: HookPoint, tensor: Tensor) -> Tensor:
