@@ -5,7 +5,11 @@
 
 1. forward with ``hook_state`` listeners on every layer / hook-free forward, batch 4 x 256 tokens (goal <= 3x), under
    ``torch.no_grad`` (how SAELens collects activations) and under ``torch.inference_mode``;
-2. decoding, time per token at context 1024 / at context 64 (goal <= 1.2: O(1) per token).
+2. decoding, time per token at context 1024 / at context 64 (goal <= 1.2: O(1) per token);
+3. the chunked DPLR op, forward + backward at batch 2 x 1024 tokens of the layer shape (training, gradients through the
+   state): the pair products with the decays factored into their two sides (the path taken whenever every chunk's
+   cumulative log decay is within +-60, as RWKV-7's own decays always are) against the explicit pairwise exponents
+   (the fallback for edited decays of any strength), both with the batched chunk-to-chunk recurrence.
 
 There is no hook-free parity ratio against a reference implementation here, unlike the Mamba-2 and Qwen3.5 benches:
 the reference, flash-linear-attention's RWKV7ForCausalLM, runs only through triton kernels, which do not run on CPU
@@ -26,7 +30,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import report_decoding, report_listener_cost  # bench/ is on sys.path when a script runs
+from timing import paired_times, report_decoding, report_listener_cost  # bench/ is on sys.path when a script runs
+
+import writesae_lens.ops.dplr as dplr
 
 from writesae_lens.adapters.rwkv7 import HookedRWKV7
 from writesae_lens.adapters.rwkv7.config import HookedRWKV7Config
@@ -75,6 +81,34 @@ def main() -> None:
 
     report_listener_cost(model, tokens, args.repeats, "[1]")
     report_decoding(model, args.repeats, "[2]")
+    report_dplr_training(cfg, args.repeats, "[3]")
+
+
+def report_dplr_training(cfg, repeats: int, label: str, batch: int = 2, seq: int = 1024) -> None:
+    """Forward + backward of ``dplr_chunked``: factored pair products / pairwise exponents (the fallback)."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch, seq, cfg.n_heads, cfg.d_k)
+    erase_key = torch.nn.functional.normalize(torch.randn(shape, generator=generator), dim=-1)
+    inputs = [torch.randn(shape, generator=generator), torch.randn(shape, generator=generator),
+              torch.randn(batch, seq, cfg.n_heads, cfg.d_v, generator=generator),
+              -0.6065 * torch.rand(shape, generator=generator), 0.5 * erase_key, erase_key]
+
+    def step():
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        reads, final, _ = dplr.dplr_chunked(*leaves)
+        (reads.square().mean() + final.square().mean()).backward()
+
+    def pairwise():
+        kept, dplr.FACTORED_LOG_RANGE = dplr.FACTORED_LOG_RANGE, 0.0
+        try:
+            step()
+        finally:
+            dplr.FACTORED_LOG_RANGE = kept
+
+    factored_s, pairwise_s, ratio = paired_times(step, pairwise, repeats)
+    print(f"{label} chunked DPLR forward + backward, {batch} x {seq} tokens, {cfg.n_heads} heads of {cfg.d_k} x "
+          f"{cfg.d_v}, chunk {dplr.DEFAULT_CHUNK_SIZE}: factored {factored_s * 1e3:.0f} ms, pairwise "
+          f"{pairwise_s * 1e3:.0f} ms -> pairwise / factored {1 / ratio:.2f}x")
 
 
 if __name__ == "__main__":
