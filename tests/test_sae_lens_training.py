@@ -14,7 +14,7 @@ from writesae_lens.adapters.qwen35 import HookedQwen35
 from writesae_lens.data import load_heldout_documents, pretrained_path
 from writesae_lens.evaluation.sae_evals import evaluate_state_sae
 
-LAYER, HEAD, CONTEXT = 1, 1, 64
+LAYER, HEAD, CONTEXT = 0, 3, 64  # a head that keeps little beyond its write (write share 0.97) and matters (KL 0.09 when zeroed)
 HOOK = f"blocks.{LAYER}.mixer.hook_state"
 
 
@@ -46,7 +46,9 @@ def test_runner_trains_saves_loads_and_evaluates(model, documents, tmp_path):
     tokens, states = heldout_states(model, documents)
 
     sae, before, after = train_and_compare(sae_cfg, runner_cfg, model, dataset, states)
-    assert after > before + 0.2 and after > 0.5, (before, after)
+    # 200 steps take the explained variance from about 0.06 (the initial SAE) to about 0.45 on this head of the
+    # retrained model (the first release's layer 1 head 1 kept nothing but its rank-1 write: an easier target)
+    assert after > before + 0.3, (before, after)
 
     loaded = SAE.load_from_disk(tmp_path / "sae")
     assert isinstance(loaded, ws.WriteTopKSAE)
