@@ -12,6 +12,7 @@ succeeded. Heavy libraries are imported after the arguments are parsed, so ``--h
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 import time
@@ -33,7 +34,7 @@ from .data import PRETRAINED_MODELS
 # report (evaluation.memory.choose_demo_cell) on `memory_passages` held-out passages of `memory_len` tokens.
 DEMO = dict(model="qwen35-tiny", memory_passages=8, memory_len=256, d_sae=256, k=16, context_size=128, training_tokens=128 * 16 * 250,
             batch_tokens=128 * 16, lr=2e-3, warmup_steps=20, passages=48, passage_len=128,
-            max_firings_per_feature=40, max_firings=1500)
+            max_firings_per_feature=40, max_firings=1500, min_live_share=0.1, max_cells=3)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +173,9 @@ def run_demo(args) -> int:
 
 def _demo(args, out: Path) -> tuple[str, float]:
     from . import pipeline
-    from .evaluation.memory import choose_demo_cell, memory_report
+    from .evaluation.demo_cell import train_on_a_live_cell
+    from .evaluation.firings import scan_firings
+    from .evaluation.memory import memory_report
     from .models import load_hooked_model
 
     start = time.perf_counter()
@@ -182,16 +185,28 @@ def _demo(args, out: Path) -> tuple[str, float]:
     train_docs, eval_docs = pipeline.split_documents(pipeline.load_texts(None))
     passages = pipeline.token_passages(model, eval_docs, DEMO["passages"], DEMO["passage_len"]).to(args.device)
     long_passages = pipeline.token_passages(model, eval_docs, DEMO["memory_passages"], DEMO["memory_len"])
-    layer, head, reason = choose_demo_cell(report=memory_report(model, long_passages.to(args.device), progress=False))
-    print(f"      the cell, from the memory report: {reason}")
-    settings = pipeline.TrainSettings(
-        layer=layer, head=head, d_sae=DEMO["d_sae"], k=DEMO["k"], context_size=DEMO["context_size"],
-        training_tokens=DEMO["training_tokens"], batch_tokens=DEMO["batch_tokens"], lr=DEMO["lr"],
-        warmup_steps=DEMO["warmup_steps"],
-    )
-    print(f"[2/3] training a WriteSAE (d_sae {settings.d_sae}, k {settings.k}) with SAELens on "
-          f"blocks.{settings.layer}.mixer.hook_state, head {settings.head}")
-    sae = pipeline.train_state_sae(model, train_docs, settings, out / "sae", device=args.device)
+    report = memory_report(model, long_passages.to(args.device), progress=False)
+
+    def train(layer: int, head: int):
+        settings = pipeline.TrainSettings(
+            layer=layer, head=head, d_sae=DEMO["d_sae"], k=DEMO["k"], context_size=DEMO["context_size"],
+            training_tokens=DEMO["training_tokens"], batch_tokens=DEMO["batch_tokens"], lr=DEMO["lr"],
+            warmup_steps=DEMO["warmup_steps"],
+        )
+        print(f"[2/3] training a WriteSAE (d_sae {settings.d_sae}, k {settings.k}) with SAELens on "
+              f"blocks.{layer}.mixer.hook_state, head {head}")
+        folder = out / "cells" / f"L{layer}H{head}"  # the kept one moves to out / "sae" below
+        return pipeline.train_state_sae(model, train_docs, settings, folder, device=args.device), settings, folder
+
+    def live_share(trained, layer: int, head: int) -> float:
+        return float(scan_firings(model, trained[0], layer, head, passages, progress=False).alive.float().mean())
+
+    _, _, (sae, settings, folder), reason = train_on_a_live_cell(report, train, live_share,
+                                                                 min_live_share=DEMO["min_live_share"],
+                                                                 max_cells=DEMO["max_cells"])
+    folder.rename(out / "sae")  # inside the staged output folder: nothing is visible until the demo completes
+    shutil.rmtree(out / "cells")  # the SAEs of cells passed over
+    print(f"      the cell (the memory report proposes, the SAE's firing density confirms): {reason}")
     print(f"[3/3] substitution test on {passages.shape[0]} held-out passages of {passages.shape[1]} tokens")
     _, _, text = pipeline.run_substitution(model, sae, settings.layer, settings.head, passages, out,
                                            seed=args.seed, max_firings_per_feature=DEMO["max_firings_per_feature"],
