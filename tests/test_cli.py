@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from writesae_lens.cli import build_parser, main
 
@@ -66,6 +67,30 @@ def test_train_then_substitution(tmp_path, capsys):
 def test_demo(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     assert "win rate" in capsys.readouterr().out
+
+
+def test_demo_passes_over_a_cell_whose_dictionary_is_too_sparse(tmp_path, capsys, monkeypatch):
+    """The demo's wiring, small: no SAE can reach a live share of 100 %, so it trains on two cells, keeps the denser,
+    saves only that SAE (in sae/, nothing left in a cells/ folder) and says which cell it passed over."""
+    import json
+
+    from writesae_lens import cli
+
+    small = dict(memory_passages=2, memory_len=200, d_sae=32, k=4, context_size=64, training_tokens=64 * 8 * 8,
+                 batch_tokens=512, warmup_steps=2, passages=4, passage_len=48, max_firings=40, min_live_share=1.0,
+                 max_cells=2)
+    monkeypatch.setattr(cli, "DEMO", cli.DEMO | small)
+    torch.set_num_threads(1)
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[2/3] training a WriteSAE") == 2 and "win rate" in out
+    reason = json.loads((tmp_path / "demo" / "settings.json").read_text())["cell_reason"]
+    assert "the most of the 2 cells tried (none reached 100%" in reason and "passed over for a sparse dictionary" in reason
+    assert (tmp_path / "demo" / "sae" / "cfg.json").exists() and not (tmp_path / "demo" / "cells").exists()
+    settings = json.loads((tmp_path / "demo" / "settings.json").read_text())["train"]
+    saved = json.loads((tmp_path / "demo" / "sae" / "cfg.json").read_text())
+    assert f"blocks.{settings['layer']}.mixer.hook_state" == saved["metadata"]["hook_name"]
+    assert settings["head"] == saved["metadata"]["hook_head_index"]
 
 
 def test_demo_takes_any_shipped_model_and_names_them_when_wrong(capsys):
