@@ -135,8 +135,8 @@ def demo_line(name: str, demo_folder: Path | None) -> str:
     return (f"Substitution on the demo's cell: `writesae demo --model {name}` measures its own memory report (on "
             f"{demo['memory_passages']} passages of {demo['memory_len']} tokens of the shipped text's evaluation "
             f"split, so its cell can differ from the one suggested above) and picks {settings['cell_reason']}. There "
-            f"the demo's WriteSAE (d_sae {train['d_sae']}, k {train['k']}; {summary['n_features']} features fire on "
-            f"the test passages, {summary['n_atoms']} are substituted) wins against deleting the write in "
+            f"the demo's WriteSAE (d_sae {train['d_sae']}, k {train['k']}; the test's firings "
+            f"belong to {summary['n_features']} features, {summary['n_atoms']} distinct atoms are substituted) wins against deleting the write in "
             f"{win['rate']:.2%} of {win['n']:,} firings, Wilson 95% [{win['low']:.2%}, {win['high']:.2%}]: {verdict}.")
 
 
@@ -533,8 +533,8 @@ def write_card(results: list[dict], uni_nll: float, blocks: torch.Tensor, args, 
             f"OMP_NUM_THREADS=1 nice -n 19 python scripts/train_models.py --family {a['family']} --steps {a['steps']} "
             f"--seed {a['seed']}{extra}"
         )
-    flags = "".join(f" --demo writesae-demo-{name}" for name in sorted(args.demo_models))
-    flags += "".join(f" --replaced {spec}" for spec in args.replaced)
+    flags = (" --demo" + "".join(f" writesae-demo-{name}" for name in sorted(args.demo_models))) if args.demo_models else ""
+    flags += (" --replaced " + " ".join(args.replaced)) if args.replaced else ""
     lines += [
         *(f"writesae demo --model {name} --out writesae-demo-{name}" for name in sorted(args.demo_models)),
         f"python scripts/evaluate_models.py{flags}   # this card",

@@ -52,7 +52,7 @@ def test_heldout_slice_is_nontrivial():
 
 
 def test_pretrained_path_rejects_unknown_names():
-    with pytest.raises(KeyError, match="valid names: 'qwen35-tiny', 'mamba2-tiny'"):
+    with pytest.raises(KeyError, match="valid names: 'qwen35-tiny', 'mamba2-tiny', 'rwkv7-tiny'"):
         data.pretrained_path("gpt2")
 
 
@@ -63,13 +63,22 @@ def test_shipped_model_loads_and_runs(name, tokenizer):
         pytest.skip(f"{folder} has no trained model (build it with scripts/train_models.py)")
     from transformers import AutoModelForCausalLM
 
+    from writesae_lens.models import load_hooked_model
+
     assert data.pretrained_path(name) == folder
     weights = folder / "model.safetensors"
     assert weights.stat().st_size < 15_000_000
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    assert model.config.vocab_size == len(tokenizer)
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 30_000_000  # the budget per model folder
     ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer("The President said", add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits
+    if name.startswith("rwkv7"):  # fla's format: transformers does not know it; the library's own model reads it
+        model = load_hooked_model(name)
+        assert model.cfg.d_vocab == len(tokenizer)
+        with torch.no_grad():
+            logits = model(ids)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert model.config.vocab_size == len(tokenizer)
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
     assert logits.shape == (1, ids.shape[1], len(tokenizer))
     assert torch.isfinite(logits).all()

@@ -1,7 +1,7 @@
 """The same SAE training + substitution code on every family: no per-family branches.
 
-Qwen3.5 and Mamba-2 are the trained models shipped with the package; RWKV-7 has no shipped model, so a random one with
-the shipped tokenizer and non-square heads stands in (SAE training and the substitution test need no trained model).
+The three trained models shipped with the package, and a random RWKV-7 with the shipped tokenizer and non-square heads
+(d_k != d_v, so that an axis mistake shows; the shipped models' heads are square).
 """
 
 import pytest
@@ -25,7 +25,8 @@ def load(name):
     return load_hooked_model(name)
 
 
-@pytest.mark.parametrize("name,layer,head", [("qwen35-tiny", 2, 1), ("mamba2-tiny", 3, 2), ("rwkv7-random", 1, 2)])
+@pytest.mark.parametrize("name,layer,head", [("qwen35-tiny", 2, 1), ("mamba2-tiny", 3, 2), ("rwkv7-tiny", 2, 1),
+                                             ("rwkv7-random", 1, 2)])
 def test_train_and_substitute_on_each_family(name, layer, head, tmp_path):
     torch.set_num_threads(1)
     model = load(name)

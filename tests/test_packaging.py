@@ -91,6 +91,7 @@ def test_wheel_ships_the_data(tmp_path):
     names = zipfile.ZipFile(_build_wheel(tmp_path / "dist")).namelist()
     for name in ("writesae_lens/data/heldout_eval.txt", "writesae_lens/data/tokenizer/tokenizer.json",
                  "writesae_lens/data/models/MODEL_CARD.md", "writesae_lens/data/models/qwen35-tiny/model.safetensors",
-                 "writesae_lens/data/models/mamba2-tiny/config.json", "writesae_lens/dashboard/templates/atom.html",
+                 "writesae_lens/data/models/mamba2-tiny/config.json",
+                 "writesae_lens/data/models/rwkv7-tiny/model.safetensors", "writesae_lens/dashboard/templates/atom.html",
                  "writesae_lens/dashboard/templates/index.html", "writesae_lens/dashboard/templates/style.css"):
         assert name in names, name

@@ -45,7 +45,7 @@ from writesae_lens.evaluation.memory_plots import plot_memory_report
 from writesae_lens.models import load_hooked_model
 ''', no_grad=True)),
     md('''
-## The report of the shipped Mamba-2 and Qwen3.5 models
+## The report of the shipped Qwen3.5, Mamba-2 and RWKV-7 models
 
 Two held-out passages of 160 tokens (enough for a first look; `writesae inspect` defaults to 8 of 256); statistics
 from position 32 on; writes followed for up to 64 tokens.
@@ -53,7 +53,7 @@ from position 32 on; writes followed for up to 64 tokens.
     code('''
 settings = MemorySettings(first_position=32, max_lag=64, sources_per_passage=2, batch_size=16)
 reports = {}
-for name in ("qwen35-tiny", "mamba2-tiny"):
+for name in ("qwen35-tiny", "mamba2-tiny", "rwkv7-tiny"):
     model = load_hooked_model(name)
     tokens = pipeline.token_passages(model, load_heldout_documents(), 2, 160)
     reports[name] = memory_report(model, tokens, settings, progress=False)
@@ -103,7 +103,9 @@ print(f"source position {s}, lags 1-{int(shown.sum())}: largest relative differe
 `choose_demo_cell` picks, among the heads whose memory moves the logits at least as much as the median head's, the one
 whose writes last longest, and says why. Heads whose write is under 5 % of their state are left out first
 (`min_write_share`): the test replaces the write, and a write that small hardly matters. A firing-density function
-(from an SAE) can exclude cells where no feature fires.
+(from an SAE) can exclude cells where no feature fires; `writesae demo` goes one step further
+(`writesae_lens.evaluation.demo_cell.train_on_a_live_cell`): it trains the SAE on the proposed cell and moves to the
+next one when under 10 % of the dictionary fires on its test passages.
 '''),
     code('''
 for name, report in reports.items():

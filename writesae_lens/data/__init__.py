@@ -38,6 +38,7 @@ EOT = "<|endoftext|>"
 PRETRAINED_MODELS: dict[str, str] = {
     "qwen35-tiny": "Qwen3.5-architecture hybrid: 3 Gated DeltaNet layers + 1 gated full-attention layer, d_model 128",
     "mamba2-tiny": "Mamba-2: 8 layers, d_model 128, 8 heads of 32, state size 32",
+    "rwkv7-tiny": "RWKV-7: 4 layers, d_model 128, 4 heads of 32 x 32 (fla's checkpoint format)",
 }
 
 
@@ -71,9 +72,11 @@ def tokenizer_path() -> Path:
 
 
 def pretrained_path(name: str) -> Path:
-    """Folder of a shipped tiny model (for `transformers.AutoModelForCausalLM.from_pretrained`).
+    """Folder of a shipped tiny model: for `writesae_lens.models.load_hooked_model` (every one), and for
+    `transformers.AutoModelForCausalLM.from_pretrained` (qwen35-tiny and mamba2-tiny; rwkv7-tiny is in fla's format,
+    which transformers does not know).
 
-    Valid names: the keys of `PRETRAINED_MODELS` ("qwen35-tiny", "mamba2-tiny").
+    Valid names: the keys of `PRETRAINED_MODELS` ("qwen35-tiny", "mamba2-tiny", "rwkv7-tiny").
     """
     if name not in PRETRAINED_MODELS:
         valid = ", ".join(repr(n) for n in PRETRAINED_MODELS)
