@@ -118,6 +118,12 @@ MEMORY_HEADING = "## Memory report"
 DEFAULTS = {"ctx": 256, "batch": 16, "lr": 0.003, "warmup": 100, "decay_init": "transformers", "eval_blocks": 64}
 
 
+def tokens_seen(log: dict) -> int:
+    """Training tokens of a run: steps done x batch x context (first-release logs: ``DEFAULTS``)."""
+    used = {**DEFAULTS, **log["args"]}
+    return log.get("steps_done", 0) * used["batch"] * used["ctx"]
+
+
 def demo_line(name: str, demo_folder: Path | None) -> str:
     """The card's line on the substitution test at the demo's cell, from a `writesae demo --model NAME` output folder
     (its settings.json and summary.json), or a line saying it was not measured."""
@@ -135,19 +141,36 @@ def demo_line(name: str, demo_folder: Path | None) -> str:
     return (f"Substitution on the demo's cell: `writesae demo --model {name}` measures its own memory report (on "
             f"{demo['memory_passages']} passages of {demo['memory_len']} tokens of the shipped text's evaluation "
             f"split, so its cell can differ from the one suggested above) and picks {settings['cell_reason']}. There "
-            f"the demo's WriteSAE (d_sae {train['d_sae']}, k {train['k']}; the test's firings "
-            f"belong to {summary['n_features']} features, {summary['n_atoms']} distinct atoms are substituted) wins against deleting the write in "
+            f"the demo's WriteSAE (d_sae {train['d_sae']}, k {train['k']}; the test's firings belong to "
+            f"{summary['n_features']} features, {summary['n_atoms']} distinct atoms are substituted) wins against "
+            "deleting the write in "
             f"{win['rate']:.2%} of {win['n']:,} firings, Wilson 95% [{win['low']:.2%}, {win['high']:.2%}]: {verdict}.")
 
 
-def memory_section(models: list[str], n_passages: int, n_pos: int,
-                   demos: dict[str, Path] | None = None) -> list[str]:
-    """The card's memory section: per model, a summary line, the demo's substitution result (``demos``: model name
-    -> `writesae demo` output folder) and the per-head table, as measured now."""
+def measure_memory(folder: Path, n_passages: int, n_pos: int):
+    """The memory report (default settings) of the model in ``folder`` on the first held-out passages."""
     from writesae_lens import pipeline
     from writesae_lens.data import load_heldout_documents
-    from writesae_lens.evaluation.memory import MemorySettings, choose_demo_cell, memory_report
+    from writesae_lens.evaluation.memory import MemorySettings, memory_report
     from writesae_lens.models import load_hooked_model
+
+    model = load_hooked_model(folder)
+    tokens = pipeline.token_passages(model, load_heldout_documents(), n_passages, n_pos)
+    return memory_report(model, tokens, MemorySettings(), progress=True)
+
+
+def memory_medians(table) -> dict:
+    """A memory report's table reduced to the card's medians over heads."""
+    return {"decay": table["decay_q50"].median(), "write_share": table["write_share"].median(),
+            "memory_length": table["memory_length"].median(), "long": int((table["memory_length"] >= 10).sum()),
+            "heads": len(table)}
+
+
+def memory_section(models: list[str], n_passages: int, n_pos: int,
+                   demos: dict[str, Path] | None = None) -> tuple[list[str], dict[str, dict]]:
+    """The card's memory section: per model, a summary line, the demo's substitution result (``demos``: model name
+    -> `writesae demo` output folder) and the per-head table, as measured now; and each model's ``memory_medians``."""
+    from writesae_lens.evaluation.memory import MemorySettings, choose_demo_cell
 
     settings = MemorySettings()
     lines = [
@@ -163,27 +186,25 @@ def memory_section(models: list[str], n_passages: int, n_pos: int,
         "(what the memory of earlier tokens adds).",
         "",
     ]
+    medians = {}
     for name in models:
         folder = MODELS / name
         if not (folder / "config.json").exists():
             continue
-        model = load_hooked_model(folder)
-        tokens = pipeline.token_passages(model, load_heldout_documents(), n_passages, n_pos)
         t0 = time.time()
-        report = memory_report(model, tokens, settings, progress=True)
+        report = measure_memory(folder, n_passages, n_pos)
         table = report.table
         layer, head, reason = choose_demo_cell(report=report)
-        long = int((table["memory_length"] >= 10).sum())
-        print(f"{name}: memory report in {time.time() - t0:.0f} s; {long}/{len(table)} heads keep a write >= 10 tokens",
-              flush=True)
+        m = medians[name] = memory_medians(table)
+        print(f"{name}: memory report in {time.time() - t0:.0f} s; {m['long']}/{m['heads']} heads keep a write >= 10 "
+              "tokens", flush=True)
         lines += [
             f"### `{name}`",
             "",
             *decay_init_note(folder),
-            f"Median over heads: per-token decay {table['decay_q50'].median():.2f}, write share "
-            f"{table['write_share'].median():.2f}, memory length {table['memory_length'].median():g} tokens; {long} of "
-            f"{len(table)} heads keep a write above {settings.threshold:.0%} for 10 tokens or more. Suggested demo cell "
-            f"(`choose_demo_cell`): {reason}.",
+            f"Median over heads: per-token decay {m['decay']:.2f}, write share {m['write_share']:.2f}, memory length "
+            f"{m['memory_length']:g} tokens; {m['long']} of {m['heads']} heads keep a write above "
+            f"{settings.threshold:.0%} for 10 tokens or more. Suggested demo cell (`choose_demo_cell`): {reason}.",
             "",
             demo_line(name, (demos or {}).get(name)),
             "",
@@ -196,7 +217,7 @@ def memory_section(models: list[str], n_passages: int, n_pos: int,
                 f"{r.memory_length:g} | {r.kl_zero:.4f} | {r.kl_memory:.4f} |"
             )
         lines.append("")
-    return lines
+    return lines, medians
 
 
 def decay_init_note(folder: Path, name: str | None = None) -> list[str]:
@@ -261,23 +282,8 @@ def model_at_revision(name: str, revision: str, into: Path) -> Path:
     return folder
 
 
-def memory_summary(folder: Path, n_passages: int, n_pos: int) -> dict:
-    """The memory report of the model in ``folder`` reduced to the card's medians."""
-    from writesae_lens import pipeline
-    from writesae_lens.data import load_heldout_documents
-    from writesae_lens.evaluation.memory import MemorySettings, memory_report
-    from writesae_lens.models import load_hooked_model
-
-    model = load_hooked_model(folder)
-    tokens = pipeline.token_passages(model, load_heldout_documents(), n_passages, n_pos)
-    table = memory_report(model, tokens, MemorySettings(), progress=True).table
-    return {"decay": table["decay_q50"].median(), "write_share": table["write_share"].median(),
-            "memory_length": table["memory_length"].median(), "long": int((table["memory_length"] >= 10).sum()),
-            "heads": len(table)}
-
-
 def replaced_section(rows: list[dict], notes: list[str]) -> list[str]:
-    """The card's before/after table: ``rows`` of name, version, log, ppl and a ``memory_summary``."""
+    """The card's before/after table: ``rows`` of name, version, log, ppl and ``memory_medians``."""
     lines = [
         REPLACED_HEADING,
         "",
@@ -291,10 +297,9 @@ def replaced_section(rows: list[dict], notes: list[str]) -> list[str]:
     for r in rows:
         used, m = {**DEFAULTS, **r["log"]["args"]}, r["memory"]
         init = f", decay init {used['decay_init']}" if used["family"] == "qwen35" else ""
-        tokens = r["log"].get("steps_done", 0) * used["batch"] * used["ctx"]
         lines.append(
             f"| `{r['name']}` | {r['version']} | {r['log'].get('steps_done', 0)} steps x {used['batch']} x "
-            f"{used['ctx']} ({tokens / 1e6:.1f} M tokens){init} | {r['ppl']:.2f} | {m['decay']:.2f} | "
+            f"{used['ctx']} ({tokens_seen(r['log']) / 1e6:.1f} M tokens){init} | {r['ppl']:.2f} | {m['decay']:.2f} | "
             f"{m['write_share']:.2f} | {m['memory_length']:g} | {m['long']} of {m['heads']} |"
         )
     return lines + ["", *notes]
@@ -356,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory_only:
-        section = memory_section(args.models, args.memory_passages, args.memory_len, demos)
+        section, _ = memory_section(args.models, args.memory_passages, args.memory_len, demos)
         if args.no_card:
             print("\n".join(section))
             return
@@ -406,12 +411,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"   {prompt!r} -> {cont!r}", flush=True)
     if args.no_card or not results:
         return
-    memory = memory_section([r["name"] for r in results], args.memory_passages, args.memory_len, demos)
-    write_card(results, uni_nll, blocks, args, memory + before_and_after(args, results, blocks))
+    memory, medians = memory_section([r["name"] for r in results], args.memory_passages, args.memory_len, demos)
+    write_card(results, uni_nll, blocks, args, memory + before_and_after(args, results, blocks, medians))
 
 
-def before_and_after(args, results: list[dict], blocks: torch.Tensor) -> list[str]:
-    """The card's before/after section for every ``--replaced NAME@REVISION`` (nothing without one)."""
+def before_and_after(args, results: list[dict], blocks: torch.Tensor, medians: dict[str, dict]) -> list[str]:
+    """The card's before/after section for every ``--replaced NAME@REVISION`` (nothing without one); ``medians``:
+    the shipped models' ``memory_medians``, measured for the memory section."""
     import tempfile
 
     if not args.replaced:
@@ -427,10 +433,11 @@ def before_and_after(args, results: list[dict], blocks: torch.Tensor) -> list[st
             old_ppl = math.exp(model_nll(load_model(old), blocks, args.batch))
             print(f"{name} at {revision}: held-out PPL {old_ppl:.2f} (shipped {shipped['ppl']:.2f})", flush=True)
             old_log = json.loads((old / "training_log.json").read_text())
+            old_memory = memory_medians(measure_memory(old, args.memory_passages, args.memory_len).table)
             rows.append({"name": name, "version": f"replaced (git {revision})", "log": old_log, "ppl": old_ppl,
-                         "memory": memory_summary(old, args.memory_passages, args.memory_len)})
+                         "memory": old_memory})
             rows.append({"name": name, "version": "shipped", "log": shipped["log"], "ppl": shipped["ppl"],
-                         "memory": memory_summary(MODELS / name, args.memory_passages, args.memory_len)})
+                         "memory": medians[name]})
             notes += decay_init_note(old, f"the replaced `{name}`")
     return replaced_section(rows, notes)
 
@@ -457,11 +464,9 @@ def write_card(results: list[dict], uni_nll: float, blocks: torch.Tensor, args, 
     ]
     for r in results:
         log = r["log"]
-        a = log["args"]
-        tokens = log.get("steps_done", 0) * a["batch"] * a["ctx"]
         status = "" if log.get("finished") else " (unfinished run)"
         lines.append(
-            f"| `{r['name']}` | {r['params']:,} | {log.get('steps_done', 0)}{status} | {tokens / 1e6:.1f} M | "
+            f"| `{r['name']}` | {r['params']:,} | {log.get('steps_done', 0)}{status} | {tokens_seen(log) / 1e6:.1f} M | "
             f"{log.get('train_seconds', 0) / 60:.0f} min ({log['environment']['threads']} thread) | **{r['ppl']:.1f}** | "
             f"{math.exp(uni_nll):.1f} |"
         )

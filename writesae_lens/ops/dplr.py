@@ -117,10 +117,12 @@ def dplr_chunked(
         o_i   = S^T (exp(G_i) * q_i) + sum_{j<=i} (<q_i, k_j>_{G_i - G_j} u_j - <q_i, ea_j>_{G_i - G_j} x_j)
         S_end = exp(G_last) * S + sum_j exp(G_last - G_j) * (k_j u_j^T - ea_j x_j^T)
 
-    Every pairwise exponent is a sum of log decays over positions inside the chunk (never a ratio of two cumulative
-    products), so nothing overflows for non-positive decays of any strength (as edits may set). The trajectory, when
-    asked for, is one pass over the chunk positions (all chunks at once) once the x are known; selected states are
-    taken from it (so ``state_positions`` costs a trajectory here, unlike ``gated_delta``).
+    The pair products ``<x, y>_{G_i - G_j}`` factor into ``exp(G_i)`` and ``exp(-G_j)`` when every chunk's cumulative
+    log decay is small enough for fp32 (``_decayed_pairs``); otherwise every pairwise exponent is formed as a sum of
+    log decays over positions inside the chunk (never a ratio of two cumulative products), so nothing overflows for
+    decays of any strength (as edits may set). The chunk-to-chunk recurrence is the only sequential step. The
+    trajectory, when asked for, is one pass over the chunk positions (all chunks at once) once the x are known;
+    selected states are taken from it (so ``state_positions`` costs a trajectory here, unlike ``gated_delta``).
     """
     batch, n_pos, n_heads, d_k = key.shape
     d_v = write_value.shape[-1]
@@ -160,11 +162,10 @@ def dplr_chunked(
     starts = torch.stack(start_states, dim=2)  # [b, h, n, d_k, d_v]
     recalled_all = recall_u + recall_s @ starts  # X: [b, h, n, C, d_v]
     reads = q_decayed @ starts + read_k @ u - read_a @ recalled_all  # [b, h, n, C, d_v]
-    keep = return_trajectory or state_positions is not None
 
     reads = reads.reshape(batch, n_heads, -1, d_v)[:, :, :n_pos].transpose(1, 2).contiguous()
     trajectory = None
-    if keep:
+    if return_trajectory or state_positions is not None:
         trajectory = _chunk_trajectories(starts, k, u, w, ea, recalled_all)
         trajectory = trajectory.reshape(batch, n_chunks * chunk_size, n_heads, d_k, d_v)[:, :n_pos]
         if state_positions is not None:
@@ -184,7 +185,7 @@ def _decayed_pairs(cum: Tensor, exclusive: Tensor):
     least -0.61 per token, so a chunk of 16 stays above -10), the decay factors into the two sides:
     ``<x_i, y_j>_{G_i - G_j} = (x_i exp(G_i)) . (y_j exp(-G_j))``, one matrix product per chunk. Otherwise (edits that
     set decays of any strength) the pairwise exponents ``G_i - G_j`` are formed explicitly, ``[b, h, n, C, C, d]``,
-    which never overflows. Both give the same numbers to fp32 rounding (tests/test_dplr.py)."""
+    which never overflows. Both give the same numbers to fp32 rounding (tests/test_rwkv7_ops.py)."""
     chunk_size = cum.shape[-2]
     idx = torch.arange(chunk_size, device=cum.device)
     upto = idx[:, None] >= idx[None, :]  # j <= i: [C, C]
